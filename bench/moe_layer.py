@@ -1,0 +1,380 @@
+"""MoE layer forward+backward on CPU: moejax vs a dense SwiGLU of equal FLOPs vs transformers' Mixtral.
+
+    python bench/moe_layer.py --out runs/bench_moe_layer.json
+
+Defaults: float32, T=4096 tokens, D=512, expert hidden F=1024, top-2, E in {8, 32, 128}. For every E,
+one process measures, one after the other:
+
+- `moejax`: `moejax.moe.MoE` (dropless dispatch, `gmm_backend="auto"` unless told otherwise);
+- `capacity`: the same layer with capacity dispatch, capacity_factor=1.0 (reference column);
+- `dense`: a dense SwiGLU FFN of hidden K*F (the useful FLOPs of K experts of hidden F), in JAX;
+- `hf`: transformers' `MixtralSparseMoeBlock` in PyTorch, with the weights of the moejax layer, so
+  both route every token to the same experts (the table reports max |y_moejax - y_hf|);
+- `torch_dense`: the dense SwiGLU in PyTorch, so that `hf/torch_dense` compares like with like
+  (`hf/dense` mixes PyTorch's and XLA's matmuls).
+
+"forward+backward" is the gradient of sum(y * cot) with respect to every parameter and the input x.
+Each JAX step is one `jax.jit`; the first call (compile) and `--warmup` further calls are not
+timed; the table reports the median of `--repeats` timed calls in milliseconds. PyTorch runs with
+`torch.set_num_threads` set to the cores XLA:CPU uses, so both frameworks get the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from moejax.moe import MoE, MoEConfig
+
+# The experts implementation that `MixtralForCausalLM(config)` resolves to by default in transformers
+# 5.23 (`PreTrainedModel.get_correct_experts_implementation(None)` -> "grouped_mm", i.e.
+# `torch.nn.functional.grouped_mm` over expert-sorted rows). A bare `MixtralSparseMoeBlock` built
+# outside a model has `config._experts_implementation = None` and falls back to the "eager" Python
+# loop over experts, so the config names the implementation explicitly.
+HF_EXPERTS_DEFAULT = "grouped_mm"
+HF_EXPERTS = ("grouped_mm", "eager", "batched_mm")
+
+
+def _cpu_count() -> int:
+  """The cores this process may run on: the size of XLA:CPU's intra-op thread pool."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def time_ms(fn: Callable[[], Any], *, repeats: int, warmup: int) -> float:
+  """Median wall time of `fn()` in milliseconds; `fn` must block until its results are ready.
+
+  The first call (compilation for a jitted step) and `warmup` more calls are not timed.
+  """
+  for _ in range(1 + warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append((time.perf_counter() - start) * 1e3)
+  return statistics.median(times)
+
+
+def bench_moejax(
+  layer: MoE, x: jax.Array, cot: jax.Array, *, repeats: int, warmup: int
+) -> tuple[float, np.ndarray]:
+  """Times the jitted forward+backward of `layer` on x [B, S, D]; returns (ms, y [B, S, D])."""
+  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
+
+  def loss_fn(params, x, cot):
+    y, _ = nnx.merge(graphdef, params, rest)(x)  # aux losses are unused, so XLA drops them
+    return jnp.sum(y * cot), y
+
+  step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
+  out = []
+  run = lambda: out.append(jax.block_until_ready(step(params, x, cot)))
+  ms = time_ms(run, repeats=repeats, warmup=warmup)
+  (_, y), _ = out[-1]
+  return ms, np.asarray(y)
+
+
+def bench_dense(
+  x: jax.Array, cot: jax.Array, hidden: int, *, repeats: int, warmup: int, seed: int = 0
+) -> float:
+  """Times forward+backward of a dense SwiGLU FFN D -> hidden -> D on x [B, S, D]."""
+  d = x.shape[-1]
+  rng = np.random.default_rng(seed)  # numpy, not jax.random: eager jax ops each compile
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32) / np.sqrt(shape[0]))
+  params = {"w_gate": normal(d, hidden), "w_up": normal(d, hidden), "w_down": normal(hidden, d)}
+
+  def loss_fn(p, x, cot):
+    x = x.reshape(-1, d)  # [T, D], as the MoE layer does
+    y = (jax.nn.silu(x @ p["w_gate"]) * (x @ p["w_up"])) @ p["w_down"]  # [T, D]
+    return jnp.sum(y * cot.reshape(-1, d))
+
+  step = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))
+  return time_ms(
+    lambda: jax.block_until_ready(step(params, x, cot)), repeats=repeats, warmup=warmup
+  )
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+  """Runs PyTorch's intra-op pool with `threads` threads, then restores the previous setting."""
+  import torch
+
+  previous = torch.get_num_threads()
+  torch.set_num_threads(threads)
+  try:
+    yield
+  finally:
+    torch.set_num_threads(previous)
+
+
+def _to_torch(a) -> Any:
+  import torch
+
+  return torch.from_numpy(np.array(a, np.float32))  # a writable float32 copy
+
+
+def _time_torch(module: Any, x: jax.Array, cot: jax.Array, *, repeats: int, warmup: int):
+  """Times forward + `sum(y * cot).backward()` of a torch module; returns (ms, y)."""
+  x_t, cot_t = _to_torch(x).requires_grad_(True), _to_torch(cot)
+  out = []
+
+  def run():
+    module.zero_grad(set_to_none=True)  # fresh gradient buffers every call, as JAX makes them
+    x_t.grad = None
+    y = module(x_t)
+    (y * cot_t).sum().backward()
+    out.append(y.detach())
+
+  ms = time_ms(run, repeats=repeats, warmup=warmup)
+  return ms, out[-1].numpy()
+
+
+def bench_hf(
+  layer: MoE,
+  x: jax.Array,
+  cot: jax.Array,
+  *,
+  repeats: int,
+  warmup: int,
+  threads: int,
+  experts_implementation: str = HF_EXPERTS_DEFAULT,
+) -> tuple[float, np.ndarray]:
+  """Times forward + `loss.backward()` of transformers' `MixtralSparseMoeBlock` holding the weights
+  of the (softmax top-k, SwiGLU) moejax `layer`; returns (ms, y [B, S, D]).
+
+  The block is used as transformers ships it; only its experts implementation is named (see
+  `HF_EXPERTS_DEFAULT`). It returns the hidden states alone (router logits are not an output).
+  """
+  import torch
+  from transformers import MixtralConfig
+  from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+  c = layer.config
+  if c.router != "softmax_topk" or c.activation != "swiglu" or c.num_shared_experts:
+    raise ValueError("bench_hf: Mixtral's block is a softmax top-k router over SwiGLU experts.")
+  config = MixtralConfig(
+    hidden_size=c.d_model,
+    intermediate_size=c.expert_hidden_dim,
+    num_local_experts=c.num_experts,
+    num_experts_per_tok=c.top_k,
+    experts_implementation=experts_implementation,
+  )
+  with _torch_threads(threads):
+    block = MixtralSparseMoeBlock(config).float().train()
+    # Its parameters are created with torch.empty; copy moejax's into Mixtral's layout:
+    # router [E, D]; gate_up_proj [E, 2F, D], gate rows first; down_proj [E, D, F].
+    w_gate, w_up = np.asarray(layer.experts.w_gate[...]), np.asarray(layer.experts.w_up[...])
+    with torch.no_grad():
+      block.gate.weight.copy_(_to_torch(np.asarray(layer.router.kernel[...]).T))
+      block.experts.gate_up_proj.copy_(
+        _to_torch(np.concatenate([w_gate.transpose(0, 2, 1), w_up.transpose(0, 2, 1)], axis=1))
+      )
+      block.experts.down_proj.copy_(
+        _to_torch(np.asarray(layer.experts.w_down[...]).transpose(0, 2, 1))
+      )
+    return _time_torch(block, x, cot, repeats=repeats, warmup=warmup)
+
+
+def bench_torch_dense(
+  x: jax.Array, cot: jax.Array, hidden: int, *, repeats: int, warmup: int, threads: int
+) -> float:
+  """Times forward+backward of the dense SwiGLU FFN in PyTorch: the dense bar on torch's own
+  matmuls, so that hf/torch_dense compares like with like."""
+  import torch
+
+  class SwiGLU(torch.nn.Module):
+    def __init__(self, d: int, f: int):
+      super().__init__()
+      self.gate = torch.nn.Linear(d, f, bias=False)
+      self.up = torch.nn.Linear(d, f, bias=False)
+      self.down = torch.nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+      h = x.reshape(-1, x.shape[-1])  # [T, D]
+      return self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h)).reshape(x.shape)
+
+  with _torch_threads(threads):
+    torch.manual_seed(0)
+    ms, _ = _time_torch(SwiGLU(x.shape[-1], hidden), x, cot, repeats=repeats, warmup=warmup)
+  return ms
+
+
+def _with_config(layer: MoE, config: MoEConfig) -> MoE:
+  """The weights of `layer` in a layer built from `config` (which must give the same parameters)."""
+  abstract = nnx.eval_shape(lambda: MoE(config, rngs=nnx.Rngs(0)))  # structure only, no compute
+  return nnx.merge(nnx.graphdef(abstract), nnx.state(layer))
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+  return None if a is None or b is None else a / b
+
+
+def _cell(v: Any, fmt: str) -> str:
+  return "-" if v is None else format(v, fmt)
+
+
+def format_table(rows: list[dict[str, Any]], header: str) -> str:
+  columns = [
+    ("E", "E", "d"),
+    ("moejax_ms", "moejax_ms", ".1f"),
+    ("dense_ms", "dense_ms", ".1f"),
+    ("hf_ms", "hf_ms", ".1f"),
+    ("capacity_ms", "capacity_ms", ".1f"),
+    ("torch_dense_ms", "torch_dense_ms", ".1f"),
+    ("moejax/dense", "moejax_over_dense", ".2f"),
+    ("hf/dense", "hf_over_dense", ".2f"),
+    ("capacity/dense", "capacity_over_dense", ".2f"),
+    ("hf/torch_dense", "hf_over_torch_dense", ".2f"),
+    ("moejax/hf", "moejax_over_hf", ".2f"),
+    ("max abs(y - y_hf)", "hf_max_abs_diff", ".1e"),
+  ]
+  lines = [header, ""]
+  lines.append("| " + " | ".join(name for name, _, _ in columns) + " |")
+  lines.append("|" + "---|" * len(columns))
+  for row in rows:
+    lines.append("| " + " | ".join(_cell(row[key], fmt) for _, key, fmt in columns) + " |")
+  return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+  p.add_argument("--experts", default="8,32,128", help="comma-separated numbers of experts E")
+  p.add_argument("--tokens", type=int, default=4096, help="tokens T per step (batch 1)")
+  p.add_argument("--d-model", type=int, default=512, help="model width D")
+  p.add_argument("--hidden", type=int, default=1024, help="hidden width F of each expert")
+  p.add_argument("--top-k", type=int, default=2, help="experts per token K")
+  p.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported")
+  p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
+  p.add_argument("--dispatch", default="dropless", choices=("dropless", "capacity"))
+  p.add_argument("--backend", default="auto", help="MoEConfig.gmm_backend for dropless dispatch")
+  p.add_argument("--capacity-factor", type=float, default=1.0, help="for the capacity column")
+  p.add_argument("--skip-capacity", action="store_true", help="no capacity-dispatch column")
+  p.add_argument("--skip-hf", action="store_true", help="no PyTorch / transformers column")
+  p.add_argument("--hf-experts", default=HF_EXPERTS_DEFAULT, choices=HF_EXPERTS)
+  p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", default=None, help="write the rows as a JSON list to this file")
+  return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  args = parse_args(argv)
+  experts = [int(e) for e in args.experts.split(",")]
+  t, d, f, k = args.tokens, args.d_model, args.hidden, args.top_k
+  threads = args.threads or _cpu_count()
+  timing = dict(repeats=args.repeats, warmup=args.warmup)
+
+  rng = np.random.default_rng(args.seed + 1)
+  x = jnp.asarray(rng.standard_normal((1, t, d), np.float32))  # [B, S, D]
+  cot = jnp.asarray(rng.standard_normal((1, t, d), np.float32))  # [B, S, D]
+
+  versions = f"jax {jax.__version__}, flax {flax.__version__}"
+  if not args.skip_hf:
+    import torch
+    import transformers
+
+    versions += f", torch {torch.__version__}, transformers {transformers.__version__}"
+  devices = jax.devices()
+  header = (
+    f"MoE layer forward+backward, float32, T={t} D={d} F={f} top-{k}, dense SwiGLU hidden "
+    f"{k * f}; {devices[0].platform} x{len(devices)} ({_cpu_name()}); {versions}; "
+    f"threads: XLA:CPU {_cpu_count()} cores, torch.set_num_threads({threads}); "
+    f"moejax dispatch={args.dispatch} gmm_backend={args.backend}, capacity_factor="
+    f"{args.capacity_factor}; hf experts_implementation={args.hf_experts}; median of "
+    f"{args.repeats} after compile + {args.warmup} warm-up, ms"
+  )
+
+  rows = []
+  for e in experts:
+    config = MoEConfig(
+      d_model=d,
+      num_experts=e,
+      top_k=k,
+      expert_hidden_dim=f,
+      dispatch=args.dispatch,
+      gmm_backend=args.backend,
+      capacity_factor=args.capacity_factor,
+    )
+    layer = MoE(config, rngs=nnx.Rngs(args.seed))
+    dense_ms = bench_dense(x, cot, k * f, seed=args.seed, **timing)
+    moejax_ms, y = bench_moejax(layer, x, cot, **timing)
+    capacity_ms = None
+    if not args.skip_capacity:
+      capacity_layer = _with_config(layer, config.replace(dispatch="capacity"))
+      capacity_ms, _ = bench_moejax(capacity_layer, x, cot, **timing)
+    hf_ms = hf_diff = torch_dense_ms = None
+    if not args.skip_hf:
+      hf_ms, y_hf = bench_hf(
+        layer, x, cot, threads=threads, experts_implementation=args.hf_experts, **timing
+      )
+      hf_diff = float(np.max(np.abs(y - y_hf)))
+      torch_dense_ms = bench_torch_dense(x, cot, k * f, threads=threads, **timing)
+    rows.append(
+      {
+        "E": e,
+        "moejax_ms": moejax_ms,
+        "dense_ms": dense_ms,
+        "hf_ms": hf_ms,
+        "capacity_ms": capacity_ms,
+        "moejax_over_dense": moejax_ms / dense_ms,
+        "hf_over_dense": _ratio(hf_ms, dense_ms),
+        "capacity_over_dense": _ratio(capacity_ms, dense_ms),
+        "torch_dense_ms": torch_dense_ms,
+        "hf_over_torch_dense": _ratio(hf_ms, torch_dense_ms),
+        "moejax_over_hf": _ratio(moejax_ms, hf_ms),
+        "hf_max_abs_diff": hf_diff,
+        "tokens": t,
+        "d_model": d,
+        "hidden": f,
+        "top_k": k,
+        "dtype": "float32",
+        "dispatch": args.dispatch,
+        "backend": args.backend,
+        "capacity_factor": args.capacity_factor,
+        "hf_experts": None if args.skip_hf else args.hf_experts,
+        "threads": threads,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "platform": devices[0].platform,
+        "versions": versions,
+      }
+    )
+    print(f"E={e}: moejax {moejax_ms:.1f} ms, dense {dense_ms:.1f} ms", file=sys.stderr, flush=True)
+
+  print(format_table(rows, header))
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+      json.dump(rows, fh, indent=2)
+  return rows
+
+
+if __name__ == "__main__":
+  main()

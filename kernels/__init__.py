@@ -1,0 +1,9 @@
+"""Custom kernels for moejax, imported as `moejax.kernels` (the folder is mapped by pyproject.toml).
+
+Each op lives in its own folder with a public `ops.py`, one file per backend and a plain-jnp
+`reference.py` oracle that the tests compare every backend against.
+"""
+
+from moejax.kernels.grouped_matmul import gmm, tgmm
+
+__all__ = ["gmm", "tgmm"]

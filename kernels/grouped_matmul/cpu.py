@@ -1,0 +1,250 @@
+"""Grouped matmul for XLA:CPU at about the cost of a dense matmul of the same useful FLOPs.
+
+XLA:CPU lowers `ragged_dot` to a dense dot over all E groups (E times the FLOPs), and a loop over a
+static worst-case number of row blocks pays for blocks that are empty. This backend loops only over
+work that exists, with trip counts computed from `group_sizes` at run time:
+
+    for each group e that has rows (a `fori_loop` over the ids of the non-empty groups):
+      w = rhs[e]                                        # [D, F], sliced once per group
+      for each tile of the group's rows (`fori_loop`s with traced trip counts):
+        x = lhs[at : at + block]                        # [block, D], one dynamic_slice
+        out[rows of the tile] = (x @ w)[rows of the tile]
+
+Tiles come in a few sizes (`block_m`, default 256, 128, 64, 32, 16 rows): a group takes as many
+full tiles of the largest size as fit, then one tile of the smallest size that holds the rest. Big
+tiles run near dense-matmul speed; fitting the last tile to the remainder keeps the padding under
+half a tile (under 16 rows for tiny groups) with at most one extra tile per group, which matters
+when groups are small (many experts, or few tokens when decoding).
+
+Tiles are aligned to their group, not to a global grid. A tile near the end of the array is shifted
+back to stay inside it (`dynamic_slice` would clamp it anyway), and a row mask keeps exactly the
+rows the tile is responsible for; the update is a select, not an add, so rows of other groups
+inside the window keep their values. Every row of a group is written exactly once; rows at or past
+sum(group_sizes) are never written and stay zero.
+
+tgmm (the weight gradient) uses the same tiles and accumulates `x^T @ grad_tile` (rows outside the
+tile zeroed) into one `[D, F]` float32 accumulator per group, written once into `[E, D, F]`. No
+full-size weight gradient is materialised per tile, which is what plain autodiff through a loop
+that indexes `rhs[e]` would do; `ops.py` instead wraps these kernels in a custom VJP:
+
+    d lhs = gmm(d out, rhs, transpose_rhs=True)      d rhs = tgmm(lhs, d out)
+
+The loops are sequential; each matmul is an ordinary XLA dot that uses the host's threads. Nothing
+depends on the device count, so the kernels run unchanged inside `shard_map`.
+"""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# Tile sizes in rows, largest first (see the module docstring). Chosen by timing M=8192, D=512,
+# F=1024, top-2 routing with E = 8, 32, 128, and M=256 with E=128, on a 2-core machine: large tiles
+# alone pad small groups heavily; small tiles alone make many small dots, and every tgmm tile also
+# re-reads and re-writes its [D, F] accumulator, so fewer tiles per group matter there.
+DEFAULT_BLOCK_M = (256, 128, 64, 32, 16)
+
+
+def _block_sizes(block_m: int | tuple[int, ...], num_rows: int) -> tuple[int, ...]:
+  """The tile sizes to use for `num_rows` rows: distinct, largest first, none above M.
+
+  A size equal to M is dropped when a smaller one exists. Its window would always be the whole
+  array, so its dot would not depend on the tile index, and XLA hoists such loop-invariant work
+  out of the tile loop, where it then runs once per group even though that loop almost never
+  runs (measured: 7x slower at M=256, E=128).
+  """
+  sizes = (block_m,) if isinstance(block_m, int) else tuple(block_m)
+  if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
+    raise ValueError(f"block_m must be a positive int or a tuple of them, got {block_m!r}.")
+  sizes = sorted({min(b, num_rows) for b in sizes}, reverse=True)
+  if len(sizes) > 1 and sizes[0] == num_rows:
+    sizes = sizes[1:]
+  return tuple(sizes)
+
+
+def varying_axes(*arrays) -> tuple[str, ...]:
+  """The `shard_map` mesh axes over which any of `arrays` varies; () outside `shard_map`.
+
+  Inside `shard_map`, JAX types every value with the manual axes it varies over. A loop's carry
+  and a custom VJP's cotangents must keep the type they started with.
+  """
+  axes = set()
+  for x in arrays:
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax 0.10; earlier versions call it `vma`
+    axes |= set(manual.varying if manual is not None else getattr(aval, "vma", ()))
+  return tuple(sorted(axes))
+
+
+def _zeros(shape, dtype, *like) -> jax.Array:
+  """Zeros typed to vary over the `shard_map` axes of `like` (a loop carry must match the body).
+
+  A fresh `jnp.zeros` varies over nothing, while the loop body's result varies with its inputs;
+  `pcast` changes only the type (no data moves) and is a no-op outside `shard_map`.
+  """
+  return lax.pcast(jnp.zeros(shape, dtype), varying_axes(*like), to="varying")
+
+
+def _for_each_group(group_sizes, body, carry):
+  """Runs `carry = body(e, start, end, carry)` for each group e that has rows, in order.
+
+  The loop runs over the ids of the non-empty groups (a traced trip count), so an empty group
+  costs nothing: not even the slice of its weight matrix.
+  """
+  sizes = group_sizes.astype(jnp.int32)  # [E]
+  ends = jnp.cumsum(sizes)  # [E]
+  starts = ends - sizes  # [E]
+  has_rows = sizes > 0  # [E]
+  (ids,) = jnp.nonzero(has_rows, size=sizes.shape[0], fill_value=0)  # [E], non-empty groups first
+
+  def one_group(i, carry):
+    e = ids[i]
+    return body(e, starts[e], ends[e], carry)
+
+  return lax.fori_loop(0, jnp.sum(has_rows), one_group, carry)
+
+
+def _for_each_tile(start, end, block_sizes, num_rows, body, carry):
+  """Runs `carry = body(at, keep, block, carry)` for the tiles covering rows [start, end).
+
+  The group is covered by full tiles of the largest size, then one tile of the smallest size that
+  holds the remainder (with sizes that halve, as the default ones do, that tile is less than half
+  padding). Each size gets its own `fori_loop` with a traced trip count of 0, 1 or more.
+
+  For each tile, `at` is the first row of its `[block, ...]` window and `keep` a `[block]` bool
+  mask of the window rows the tile is responsible for. A tile logically covers
+  [lo, min(lo + block, end)); its window is shifted back to `min(lo, num_rows - block)` so that
+  it lies inside the array (`dynamic_slice` would clamp it the same way, silently).
+  """
+  num_full = (end - start) // block_sizes[0]
+  remainder = end - start - num_full * block_sizes[0]
+  lo = start
+  for level, block in enumerate(block_sizes):
+    smaller = block_sizes[level + 1] if level + 1 < len(block_sizes) else 0
+    # One tile of this size if it is the smallest that holds the remainder.
+    num_tiles = ((remainder > smaller) & (remainder <= block)).astype(num_full.dtype)
+    if level == 0:
+      num_tiles += num_full
+
+    def one_tile(tile, carry, base=lo, block=block):
+      tile_lo = base + tile * block
+      at = jnp.minimum(tile_lo, num_rows - block)
+      rows = at + jnp.arange(block, dtype=at.dtype)  # [block]
+      keep = (rows >= tile_lo) & (rows < end)
+      return body(at, keep, block, carry)
+
+    carry = lax.fori_loop(0, num_tiles, one_tile, carry)
+    lo = lo + num_tiles * block
+  return carry
+
+
+def gmm(
+  lhs: jax.Array,
+  rhs: jax.Array,
+  group_sizes: jax.Array,
+  *,
+  transpose_rhs: bool = False,
+  preferred_element_type=None,
+  interpret: bool = False,
+  block_m: int | tuple[int, ...] = DEFAULT_BLOCK_M,
+) -> jax.Array:
+  """Grouped matmul `[M, D] x [E, D, F] -> [M, F]` looping over the row tiles that exist.
+
+  Not differentiable by itself (`fori_loop` with a traced trip count); `ops.gmm` adds the VJP.
+
+  Args:
+    lhs: `[M, D]` rows sorted by group.
+    rhs: `[E, D, F]` (or `[E, F, D]` with `transpose_rhs`, then each group uses `rhs[e].T`).
+    group_sizes: `[E]` integer group sizes, sum <= M.
+    transpose_rhs: contract with `rhs[e].T` (the lhs gradient needs this; no transposed copy of rhs
+      is made).
+    preferred_element_type: output dtype (default: lhs dtype); accumulation is in at least float32.
+    interpret: ignored (no Pallas kernel here); accepted for a uniform backend signature.
+    block_m: tile sizes in rows (an int for one size); see the module docstring.
+
+  Returns:
+    `[M, F]`; rows at or past sum(group_sizes) are zero.
+  """
+  del interpret
+  num_rows = lhs.shape[0]
+  out_dim = rhs.shape[1] if transpose_rhs else rhs.shape[2]
+  out_dtype = preferred_element_type or lhs.dtype
+  out = _zeros((num_rows, out_dim), out_dtype, lhs, rhs, group_sizes)  # [M, F]
+  if num_rows == 0:
+    return out
+  block_sizes = _block_sizes(block_m, num_rows)
+  dtype = jnp.result_type(lhs, rhs)
+  acc_dtype = jnp.promote_types(out_dtype, jnp.float32)
+  lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
+  # Contract lhs's D with w's D: axis 0 of [D, F], or axis 1 of [F, D] when transposed.
+  dims = (((1,), (1 if transpose_rhs else 0,)), ((), ()))
+
+  def one_group(e, start, end, out):
+    w = lax.dynamic_index_in_dim(rhs, e, keepdims=False)  # [D, F] (or [F, D])
+
+    def one_tile(at, keep, block, out):
+      x = lax.dynamic_slice_in_dim(lhs, at, block)  # [block, D]
+      y = lax.dot_general(x, w, dims, preferred_element_type=acc_dtype)  # [block, F]
+      old = lax.dynamic_slice_in_dim(out, at, block)  # [block, F]
+      new = jnp.where(keep[:, None], y.astype(out_dtype), old)
+      return lax.dynamic_update_slice_in_dim(out, new, at, axis=0)
+
+    return _for_each_tile(start, end, block_sizes, num_rows, one_tile, out)
+
+  return _for_each_group(group_sizes, one_group, out)
+
+
+def tgmm(
+  lhs: jax.Array,
+  grad: jax.Array,
+  group_sizes: jax.Array,
+  *,
+  preferred_element_type=None,
+  interpret: bool = False,
+  block_m: int | tuple[int, ...] = DEFAULT_BLOCK_M,
+) -> jax.Array:
+  """Per-group `lhs_e^T @ grad_e -> [E, D, F]`, looping over the row tiles that exist.
+
+  Not differentiable by itself; `ops.tgmm` adds the VJP.
+
+  Args:
+    lhs: `[M, D]` rows sorted by group.
+    grad: `[M, F]` rows in the same order.
+    group_sizes: `[E]` integer group sizes, sum <= M. Rows past the total are ignored.
+    preferred_element_type: output dtype (default: the promoted input dtype); accumulation is in at
+      least float32.
+    interpret: ignored; accepted for a uniform backend signature.
+    block_m: tile sizes in rows (an int for one size); see the module docstring.
+
+  Returns:
+    `[E, D, F]`; a group with no rows gets zeros.
+  """
+  del interpret
+  num_rows, lhs_dim = lhs.shape
+  out_dim = grad.shape[1]
+  num_groups = group_sizes.shape[0]
+  dtype = jnp.result_type(lhs, grad)
+  out_dtype = preferred_element_type or dtype
+  if num_rows == 0:
+    return jnp.zeros((num_groups, lhs_dim, out_dim), out_dtype)
+  block_sizes = _block_sizes(block_m, num_rows)
+  acc_dtype = jnp.promote_types(out_dtype, jnp.float32)
+  lhs, grad = lhs.astype(dtype), grad.astype(dtype)
+  zero = jnp.zeros((), dtype)
+
+  def one_group(e, start, end, out):
+    def one_tile(at, keep, block, acc):
+      # Rows of other groups must contribute exactly 0. Masking both operands (not one) keeps a
+      # non-finite value in a row past the groups (0 * inf = nan) out of the sum.
+      x = jnp.where(keep[:, None], lax.dynamic_slice_in_dim(lhs, at, block), zero)  # [block, D]
+      g = jnp.where(keep[:, None], lax.dynamic_slice_in_dim(grad, at, block), zero)  # [block, F]
+      # Contract over the tile's rows: [block, D]^T @ [block, F].
+      return acc + lax.dot_general(
+        x, g, (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype
+      )  # [D, F]
+
+    acc = _zeros((lhs_dim, out_dim), acc_dtype, lhs, grad, group_sizes)  # [D, F]
+    acc = _for_each_tile(start, end, block_sizes, num_rows, one_tile, acc)
+    return lax.dynamic_update_index_in_dim(out, acc.astype(out_dtype), e, axis=0)
+
+  out = _zeros((num_groups, lhs_dim, out_dim), out_dtype, lhs, grad, group_sizes)  # [E, D, F]
+  return _for_each_group(group_sizes, one_group, out)

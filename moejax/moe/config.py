@@ -1,0 +1,162 @@
+"""`MoEConfig`: the frozen, self-validating description of one MoE layer.
+
+A module takes this small dataclass, never the experiment ConfigDict. Every rule that can be checked
+without data is checked in `__post_init__`, and each error names the field, the value given and what
+is allowed, so a typo in an experiment config fails before anything is traced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+
+ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid", "expert_choice", "top_p")
+DISPATCHES = ("dropless", "capacity")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
+GMM_BACKENDS = ("auto", "xla", "cpu", "reference")
+# Routers that pick a fixed number of experts per token by score, so an aux-loss-free bias can
+# steer their selection.
+TOPK_ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid")
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+  raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+  """One MoE layer. Dimension names follow DESIGN.md (D model, E experts, K per token, F hidden).
+
+  The defaults are a Mixtral-style layer: softmax over all experts, top-2, renormalised, SwiGLU,
+  dropless dispatch, no shared experts.
+  """
+
+  # Model width D.
+  d_model: int
+  # Routed experts E.
+  num_experts: int
+  # Experts per token K (for `top_p`: the cap; for `expert_choice`: the mean experts per token that
+  # sets each expert's capacity together with `capacity_factor`).
+  top_k: int
+  # Hidden width F of each routed expert. Fine-grained experts are simply more, narrower experts.
+  expert_hidden_dim: int
+  # Router: one of ROUTERS.
+  router: str = "softmax_topk"
+  # Renormalise the selected experts' weights to sum to one (Mixtral, DeepSeek-V3: yes; Qwen2-MoE,
+  # OLMoE, Switch: no).
+  norm_topk_prob: bool = True
+  # Multiplies the combine weights after (optional) renormalisation (DeepSeek-V3: 2.5).
+  routed_scaling_factor: float = 1.0
+  # Group-limited routing (DeepSeek-V3, `sigmoid` router): experts split into `num_groups` groups,
+  # tokens choose among the best `topk_groups` groups only. 1 = no grouping.
+  num_groups: int = 1
+  topk_groups: int = 1
+  # `top_p` router: experts are added in descending probability until their sum reaches top_p.
+  top_p: float = 1.0
+  # Capacity per expert C = ceil(T * K / E * capacity_factor), used by `capacity` dispatch and by the
+  # `expert_choice` router.
+  capacity_factor: float = 1.0
+  # Dispatch strategy: one of DISPATCHES.
+  dispatch: str = "dropless"
+  # Expert FFN activation: one of ACTIVATIONS (`swiglu`/`geglu` are gated and have `w_gate`).
+  activation: str = "swiglu"
+  # Shared experts that every token passes through (DeepSeekMoE, Qwen2-MoE); 0 = none.
+  num_shared_experts: int = 0
+  # Hidden width of *each* shared expert (they are fused into one FFN of num_shared * this width).
+  # None = expert_hidden_dim.
+  shared_expert_hidden_dim: int | None = None
+  # Scale the shared experts' output by sigmoid(x @ gate) per token (Qwen2-MoE).
+  shared_expert_gate: bool = False
+  # Multiplicative router-input jitter x * U(1 - eps, 1 + eps) in training (Switch, Mixtral); 0 = off.
+  jitter_noise: float = 0.0
+  # Learned bias on the router logits (gpt-oss); most models have none.
+  router_bias: bool = False
+  # Auxiliary-loss-free balancing bias (DeepSeek-V3, Wang et al. 2024): a non-trained [E] vector added
+  # to the scores for *selection only*; the train step moves it with `update_aux_free_bias`.
+  aux_free_bias: bool = False
+  # Step size gamma of the aux-loss-free bias update (DeepSeek-V3: 0.001).
+  aux_free_bias_rate: float = 0.001
+  # Grouped-matmul backend for dropless dispatch (see moejax.kernels.gmm).
+  gmm_backend: str = "auto"
+  # Activation (compute) dtype and parameter dtype. Router math is float32 regardless.
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    for name in (
+      "d_model",
+      "num_experts",
+      "top_k",
+      "expert_hidden_dim",
+      "num_groups",
+      "topk_groups",
+    ):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        _fail(name, value, "must be a positive integer")
+    if self.router not in ROUTERS:
+      _fail("router", self.router, f"known routers are {', '.join(ROUTERS)}")
+    if self.dispatch not in DISPATCHES:
+      _fail("dispatch", self.dispatch, f"known dispatch strategies are {', '.join(DISPATCHES)}")
+    if self.activation not in ACTIVATIONS:
+      _fail("activation", self.activation, f"known activations are {', '.join(ACTIVATIONS)}")
+    if self.gmm_backend not in GMM_BACKENDS:
+      _fail("gmm_backend", self.gmm_backend, f"known backends are {', '.join(GMM_BACKENDS)}")
+    if self.top_k > self.num_experts:
+      _fail("top_k", self.top_k, f"must be <= num_experts={self.num_experts}")
+    if not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):
+      _fail("capacity_factor", self.capacity_factor, "must be a finite number > 0")
+    if not 0.0 < self.top_p <= 1.0:
+      _fail("top_p", self.top_p, "must lie in (0, 1]")
+    if self.num_experts % self.num_groups:
+      _fail("num_groups", self.num_groups, f"must divide num_experts={self.num_experts}")
+    if self.num_groups > 1:
+      if self.router != "sigmoid":
+        _fail("num_groups", self.num_groups, "group-limited routing needs router='sigmoid'")
+      if self.topk_groups > self.num_groups:
+        _fail("topk_groups", self.topk_groups, f"must be <= num_groups={self.num_groups}")
+      group_size = self.num_experts // self.num_groups
+      if self.topk_groups * group_size < self.top_k:
+        _fail(
+          "topk_groups",
+          self.topk_groups,
+          f"the kept groups hold {self.topk_groups * group_size} experts, fewer than "
+          f"top_k={self.top_k}",
+        )
+    if self.num_shared_experts < 0:
+      _fail("num_shared_experts", self.num_shared_experts, "must be >= 0")
+    if self.shared_expert_hidden_dim is not None and self.shared_expert_hidden_dim < 1:
+      _fail("shared_expert_hidden_dim", self.shared_expert_hidden_dim, "must be >= 1 or None")
+    if self.shared_expert_gate and self.num_shared_experts == 0:
+      _fail("shared_expert_gate", True, "needs num_shared_experts >= 1")
+    if not 0.0 <= self.jitter_noise < 1.0:
+      _fail("jitter_noise", self.jitter_noise, "must lie in [0, 1)")
+    if self.routed_scaling_factor <= 0:
+      _fail("routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
+    if self.aux_free_bias and self.router not in TOPK_ROUTERS:
+      _fail("aux_free_bias", True, f"is only defined for routers {', '.join(TOPK_ROUTERS)}")
+    if self.aux_free_bias_rate < 0:
+      _fail("aux_free_bias_rate", self.aux_free_bias_rate, "must be >= 0")
+
+  @property
+  def gated(self) -> bool:
+    """Whether the expert FFN has a gate projection (`w_gate`)."""
+    return self.activation in ("swiglu", "geglu")
+
+  @property
+  def shared_hidden_dim(self) -> int:
+    """Total hidden width of the fused shared-expert FFN."""
+    per_expert = self.shared_expert_hidden_dim or self.expert_hidden_dim
+    return self.num_shared_experts * per_expert
+
+  def capacity(self, num_tokens: int) -> int:
+    """Per-expert capacity C = ceil(T * K / E * capacity_factor), at most T (a token visits an expert
+    at most once)."""
+    c = math.ceil(num_tokens * self.top_k / self.num_experts * self.capacity_factor)
+    return max(1, min(c, num_tokens))
+
+  def replace(self, **changes) -> MoEConfig:
+    return dataclasses.replace(self, **changes)

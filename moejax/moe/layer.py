@@ -1,0 +1,138 @@
+"""The MoE layer: route -> dispatch -> experts -> combine (+ shared experts, aux losses, metrics).
+
+    moe = MoE(MoEConfig(d_model=512, num_experts=8, top_k=2, expert_hidden_dim=1024), rngs=nnx.Rngs(0))
+    y, aux = moe(x)          # x, y [B, S, D]; aux: losses and metrics (see `MoE.__call__`)
+
+Parameters (names are a contract that checkpoints and tools rely on):
+
+    router.kernel [D, E]            router.bias [E] (router_bias only)
+    router.aux_free_bias [E]        AuxFreeBias, not a Param: the optimizer never sees it
+    experts.w_gate, experts.w_up [E, D, F]  (w_gate for gated activations only)
+    experts.w_down [E, F, D]
+    shared_experts.w_gate, .w_up [D, Fs], .w_down [Fs, D], .gate [D, 1] (shared_expert_gate only)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.moe import dispatch, losses
+from moejax.moe.config import MoEConfig
+from moejax.moe.experts import Experts, SharedExperts, dense_init
+from moejax.moe.router import Routing, route
+
+
+class AuxFreeBias(nnx.Variable):
+  """The auxiliary-loss-free routing bias: state updated by an explicit rule in the train step
+  (`moejax.moe.losses.update_aux_free_bias`), never by the optimizer (it is not an `nnx.Param`)."""
+
+
+class Router(nnx.Module):
+  """Router logits in float32 and the configured routing rule.
+
+  Jitter noise (x * U(1 - eps, 1 + eps) on the router input) applies only when `deterministic` is
+  False, i.e. after `model.train()`; `model.eval()` turns it off.
+  """
+
+  def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    d, e = config.d_model, config.num_experts
+    self.kernel = nnx.Param(
+      dense_init(rngs.params(), (d, e), config.param_dtype), logical_axes=("embed", None)
+    )
+    self.bias = (
+      nnx.Param(jnp.zeros((e,), config.param_dtype), logical_axes=(None,))
+      if config.router_bias
+      else None
+    )
+    self.aux_free_bias = (
+      AuxFreeBias(jnp.zeros((e,), jnp.float32), logical_axes=(None,))
+      if config.aux_free_bias
+      else None
+    )
+    self.deterministic = False
+    self.rngs = rngs["jitter"].fork() if config.jitter_noise > 0 else None
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """x [T, D] -> router logits [T, E] in float32."""
+    x = x.astype(jnp.float32)
+    eps = self.config.jitter_noise
+    if eps > 0 and not self.deterministic:
+      x = x * jax.random.uniform(self.rngs(), x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
+    logits = x @ self.kernel[...].astype(jnp.float32)  # [T, E]
+    if self.bias is not None:
+      logits = logits + self.bias[...].astype(jnp.float32)
+    return logits
+
+  def __call__(self, x: jax.Array) -> Routing:
+    """x [T, D] -> Routing."""
+    bias = None if self.aux_free_bias is None else self.aux_free_bias[...]
+    return route(self.logits(x), self.config, bias=bias)
+
+
+class MoE(nnx.Module):
+  """A Mixture-of-Experts FFN block configured by `MoEConfig`."""
+
+  def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.router = Router(config, rngs=rngs)
+    self.experts = Experts(config, rngs=rngs)
+    self.shared_experts = SharedExperts(config, rngs=rngs) if config.num_shared_experts else None
+
+  def __call__(
+    self, x: jax.Array, *, token_mask: jax.Array | None = None
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x [B, S, D] -> (y [B, S, D], aux).
+
+    1. route:    router logits [T, E] (float32) -> Routing (ids, weights [T, K])
+    2. dispatch: token copies grouped by expert (dropless sort, or capacity slots)
+    3. experts:  grouped matmul (dropless) or batched matmul over [E, C, D] (capacity)
+    4. combine:  weighted sum of each token's expert outputs, plus the shared experts
+
+    `token_mask` [B, S] (optional, 1 = real token) keeps padding out of the losses and loads.
+    `aux` holds scalars `load_balance_loss`, `seq_balance_loss`, `router_z_loss`,
+    `dropped_fraction`, `router_entropy`, `experts_per_token`, and per-expert vectors
+    `expert_counts` [E] (assignments, the input of the aux-free bias update) and `expert_load` [E]
+    (the same as fractions of all assignments).
+    """
+    c = self.config
+    b, s, d = x.shape
+    x = x.astype(c.dtype)
+    xt = x.reshape(b * s, d)  # [T, D]
+    tmask = None if token_mask is None else token_mask.reshape(b * s)
+
+    with jax.named_scope("route"):
+      routing = self.router(xt)
+    if c.dispatch == "dropless":
+      y, stats = dispatch.dropless(xt, routing, self.experts.grouped)
+    else:
+      cap = routing.capacity if routing.capacity is not None else c.capacity(b * s)
+      y, stats = dispatch.capacity(xt, routing, self.experts.batched, cap)
+    if self.shared_experts is not None:
+      with jax.named_scope("shared_experts"):
+        y = y + self.shared_experts(xt)
+
+    counts = losses.expert_counts(routing, tmask)  # [E]
+    slots = routing.mask if tmask is None else routing.mask & (tmask[:, None] > 0)
+    n_tokens = b * s if tmask is None else jnp.maximum(jnp.sum(tmask), 1)
+    aux = {
+      "load_balance_loss": losses.load_balance_loss(routing, tmask),
+      "seq_balance_loss": losses.sequence_balance_loss(routing, s, tmask),
+      "router_z_loss": losses.router_z_loss(routing, tmask),
+      "router_entropy": losses.router_entropy(routing),
+      "experts_per_token": jnp.sum(slots) / n_tokens,
+      "expert_counts": counts,
+      "expert_load": counts / jnp.maximum(jnp.sum(counts), 1.0),
+      **stats,
+    }
+    return y.reshape(b, s, d), aux
+
+  def update_aux_free_bias(self, counts: jax.Array) -> None:
+    """Apply one aux-loss-free bias step from this layer's `aux["expert_counts"]` (no-op without
+    `aux_free_bias`)."""
+    if self.router.aux_free_bias is not None:
+      self.router.aux_free_bias[...] = losses.update_aux_free_bias(
+        self.router.aux_free_bias[...], counts, self.config.aux_free_bias_rate
+      )

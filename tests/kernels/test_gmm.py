@@ -1,0 +1,386 @@
+"""Tests for moejax.kernels.gmm / tgmm: every backend against a float64 numpy loop and the oracle.
+
+Tolerances (errors are measured relative to the largest |expected| entry, so that a near-zero
+entry does not blow the measure up):
+  float32:  1e-5. Inputs are O(1) and every sum has at most 50 terms, so float32 rounding is
+            ~1e-7 relative; 1e-5 still catches any wrong row, group or transpose (O(1) errors).
+  bfloat16: inputs are rounded to bf16 first and the float64 expectation is computed from the
+            rounded values, so the only error left is the output rounding. Accumulating in float32
+            then rounding once keeps every entry within half a bf16 ulp (2^-9 relative); the checks
+            allow one ulp (2^-8). Summing a long weight gradient tile by tile in bf16 breaks that
+            (test_cpu_tgmm_accumulates_across_tiles_in_float32).
+"""
+
+import functools
+
+import hypothesis
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax.kernels import gmm, tgmm
+from moejax.kernels.grouped_matmul import cpu, ops
+
+BACKENDS = ("reference", "xla", "cpu")
+F32_TOL = 1e-5
+
+# (M, D, F, group_sizes). M is never a multiple of a block size; D and F are unequal so a
+# transposed operand cannot pass by accident.
+CASES = {
+  "ragged_with_empty_and_trailing_rows": (37, 24, 40, (10, 0, 20)),
+  "one_group_all_rows": (29, 24, 40, (29,)),
+  "one_group_no_rows": (13, 24, 40, (0,)),
+  "eight_groups_ragged": (50, 16, 24, (0, 7, 0, 13, 1, 0, 22, 0)),
+  "eight_groups_all_rows_in_last": (50, 16, 24, (0, 0, 0, 0, 0, 0, 0, 50)),
+}
+
+# Tile configurations for the cpu kernels, small enough that the test shapes need several tiles
+# per group, partial last tiles, several tile levels and windows shifted back at the array's end.
+CPU_BLOCKS = ((8,), (16, 4), (7, 2, 1), (16, 8, 4, 2), (64,))
+
+
+def _numpy_gmm(lhs, rhs, group_sizes):
+  """float64 per-group loop: the contract written as plainly as possible."""
+  lhs, rhs = np.asarray(lhs, np.float64), np.asarray(rhs, np.float64)
+  out = np.zeros((lhs.shape[0], rhs.shape[2]))
+  start = 0
+  for e, size in enumerate(np.asarray(group_sizes)):
+    out[start : start + size] = lhs[start : start + size] @ rhs[e]
+    start += size
+  return out
+
+
+def _numpy_tgmm(lhs, grad, group_sizes):
+  lhs, grad = np.asarray(lhs, np.float64), np.asarray(grad, np.float64)
+  sizes = np.asarray(group_sizes)
+  out = np.zeros((len(sizes), lhs.shape[1], grad.shape[1]))
+  start = 0
+  for e, size in enumerate(sizes):
+    out[e] = lhs[start : start + size].T @ grad[start : start + size]
+    start += size
+  return out
+
+
+def _numpy_gmm_vjp(lhs, rhs, group_sizes, dout):
+  """Gradients of sum(gmm(lhs, rhs) * dout) w.r.t. lhs and rhs, per group in float64."""
+  rhs64 = np.asarray(rhs, np.float64)
+  dlhs = _numpy_gmm(dout, np.swapaxes(rhs64, 1, 2), group_sizes)
+  return dlhs, _numpy_tgmm(lhs, dout, group_sizes)
+
+
+def _rel_err(actual, expected):
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, (actual.shape, expected.shape)
+  return np.max(np.abs(actual - expected), initial=0.0) / max(
+    np.max(np.abs(expected), initial=0.0), 1e-30
+  )
+
+
+def _inputs(m, d, f, group_sizes, dtype=jnp.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  lhs = jnp.asarray(rng.normal(size=(m, d)), dtype)
+  rhs = jnp.asarray(rng.normal(size=(len(group_sizes), d, f)), dtype)
+  dout = jnp.asarray(rng.normal(size=(m, f)), dtype)
+  return lhs, rhs, jnp.asarray(group_sizes, jnp.int32), dout
+
+
+def _gmm_and_grads(backend, lhs, rhs, group_sizes, dout, **kwargs):
+  """(out, dlhs, drhs) under jit, with group_sizes a traced argument."""
+
+  @jax.jit
+  def run(lhs, rhs, group_sizes, dout):
+    out, vjp = jax.vjp(lambda x, w: gmm(x, w, group_sizes, backend=backend, **kwargs), lhs, rhs)
+    return (out, *vjp(dout))
+
+  return run(lhs, rhs, group_sizes, dout)
+
+
+@functools.cache
+def _reference_gmm_and_grads(case):
+  return _gmm_and_grads("reference", *_inputs(*CASES[case]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_gmm_forward_and_grads_match_numpy_and_reference(backend, case):
+  m, d, f, sizes = CASES[case]
+  lhs, rhs, group_sizes, dout = _inputs(m, d, f, sizes)
+  out, dlhs, drhs = _gmm_and_grads(backend, lhs, rhs, group_sizes, dout)
+  ref_out, ref_dlhs, ref_drhs = _reference_gmm_and_grads(case)
+  np_dlhs, np_drhs = _numpy_gmm_vjp(lhs, rhs, sizes, dout)
+
+  assert out.shape == (m, f) and out.dtype == jnp.float32
+  assert dlhs.shape == lhs.shape and drhs.shape == rhs.shape
+  assert _rel_err(out, _numpy_gmm(lhs, rhs, sizes)) < F32_TOL
+  assert _rel_err(dlhs, np_dlhs) < F32_TOL
+  assert _rel_err(drhs, np_drhs) < F32_TOL
+  assert _rel_err(out, ref_out) < F32_TOL
+  assert _rel_err(dlhs, ref_dlhs) < F32_TOL
+  assert _rel_err(drhs, ref_drhs) < F32_TOL
+  # Rows past the groups: exactly zero output and exactly zero lhs gradient.
+  total = sum(sizes)
+  np.testing.assert_array_equal(out[total:], 0.0)
+  np.testing.assert_array_equal(dlhs[total:], 0.0)
+  # A group with no rows gets an exactly zero weight gradient.
+  for e, size in enumerate(sizes):
+    if size == 0:
+      np.testing.assert_array_equal(drhs[e], 0.0)
+
+
+@pytest.mark.parametrize("block_m", CPU_BLOCKS, ids=str)
+def test_cpu_tiling_matches_numpy(monkeypatch, block_m):
+  """The cpu kernels with tiles much smaller than the groups, through the public entry point."""
+  monkeypatch.setitem(
+    ops._BACKENDS,
+    "cpu_small_tiles",
+    ops.Backend(
+      functools.partial(cpu.gmm, block_m=block_m),
+      functools.partial(cpu.tgmm, block_m=block_m),
+      autodiff=False,
+    ),
+  )
+  m, d, f, sizes = CASES["eight_groups_ragged"]
+  lhs, rhs, group_sizes, dout = _inputs(m, d, f, sizes, seed=1)
+  out, dlhs, drhs = _gmm_and_grads("cpu_small_tiles", lhs, rhs, group_sizes, dout)
+  np_dlhs, np_drhs = _numpy_gmm_vjp(lhs, rhs, sizes, dout)
+  assert _rel_err(out, _numpy_gmm(lhs, rhs, sizes)) < F32_TOL
+  assert _rel_err(dlhs, np_dlhs) < F32_TOL
+  assert _rel_err(drhs, np_drhs) < F32_TOL
+  np.testing.assert_array_equal(out[sum(sizes) :], 0.0)
+
+
+def test_cpu_tgmm_accumulates_across_tiles_in_float32():
+  """bf16 weight gradient summed over 100 tiles: one bf16 rounding at the end, not one per tile."""
+  m, d, f = 200, 8, 12
+  lhs, _, group_sizes, grad = _inputs(m, d, f, (m,), dtype=jnp.bfloat16, seed=5)
+  out = cpu.tgmm(lhs, grad, group_sizes, block_m=2)
+  assert out.dtype == jnp.bfloat16
+  assert _rel_err(out, _numpy_tgmm(lhs, grad, (m,))) < 2.0**-8
+
+
+_CPU_JIT_SHAPE = (29, 8, 12, 5)  # M, D, F, E for the property test below
+
+
+@functools.cache
+def _cpu_gmm_jitted():
+  return jax.jit(functools.partial(cpu.gmm, block_m=(8, 3)))
+
+
+@hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
+@hypothesis.given(st.lists(st.integers(0, 12), min_size=5, max_size=5), st.integers(0, 2**31 - 1))
+def test_cpu_gmm_random_group_sizes(raw_sizes, seed):
+  """Any split of at most M rows into E groups, including empty groups and trailing rows."""
+  m, d, f, e = _CPU_JIT_SHAPE
+  sizes = list(raw_sizes)
+  while sum(sizes) > m:  # shrink to sum <= M, keeping zeros where they are
+    sizes[int(np.argmax(sizes))] -= 1
+  lhs, rhs, group_sizes, _ = _inputs(m, d, f, sizes, seed=seed % 1000)
+  out = _cpu_gmm_jitted()(lhs, rhs, group_sizes)  # one compilation: group_sizes is data
+  assert _rel_err(out, _numpy_gmm(lhs, rhs, sizes)) < F32_TOL
+  np.testing.assert_array_equal(out[sum(sizes) :], 0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_group_sizes_are_data_not_static(backend):
+  """One jitted function, two different splits of the rows: both must be right."""
+  m, d, f, _ = CASES["ragged_with_empty_and_trailing_rows"]
+  lhs, rhs, _, _ = _inputs(m, d, f, (0, 0, 0))
+  traces = []
+
+  @jax.jit
+  def fn(lhs, rhs, group_sizes):
+    traces.append(group_sizes)
+    return gmm(lhs, rhs, group_sizes, backend=backend)
+
+  for sizes in [(10, 0, 20), (20, 17, 0)]:
+    out = fn(lhs, rhs, jnp.asarray(sizes, jnp.int32))
+    assert _rel_err(out, _numpy_gmm(lhs, rhs, sizes)) < F32_TOL
+  assert len(traces) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_rounds_once(backend):
+  m, d, f, sizes = CASES["eight_groups_ragged"]
+  lhs, rhs, group_sizes, dout = _inputs(m, d, f, sizes, dtype=jnp.bfloat16)
+  out, dlhs, drhs = _gmm_and_grads(backend, lhs, rhs, group_sizes, dout)
+  assert out.dtype == dlhs.dtype == drhs.dtype == jnp.bfloat16
+  expected = _numpy_gmm(lhs, rhs, sizes)
+  # Within one bf16 ulp (2^-8 relative) of the exact product of the bf16 inputs, entry by entry.
+  np.testing.assert_array_less(
+    np.abs(np.asarray(out, np.float64) - expected), 2.0**-8 * np.abs(expected) + 1e-6
+  )
+  np_dlhs, np_drhs = _numpy_gmm_vjp(lhs, rhs, sizes, dout)
+  # Gradients: one rounding of a float32 accumulation too; measured against the largest entry.
+  assert _rel_err(dlhs, np_dlhs) < 2.0**-8
+  assert _rel_err(drhs, np_drhs) < 2.0**-8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_inputs_float32_output_accumulates_in_float32(backend):
+  m, d, f, sizes = CASES["eight_groups_ragged"]
+  lhs, rhs, group_sizes, dout = _inputs(m, d, f, sizes, dtype=jnp.bfloat16)
+  out, dlhs, drhs = _gmm_and_grads(
+    backend,
+    lhs,
+    rhs,
+    group_sizes,
+    dout.astype(jnp.float32),
+    preferred_element_type=jnp.float32,
+  )
+  assert out.dtype == jnp.float32
+  assert dlhs.dtype == drhs.dtype == jnp.bfloat16  # gradients come back in the inputs' dtype
+  # Products of bf16 values are exact in float32, so only float32 summation error remains.
+  assert _rel_err(out, _numpy_gmm(lhs, rhs, sizes)) < F32_TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_past_groups_are_ignored_even_if_not_finite(backend):
+  m, d, f, sizes = CASES["ragged_with_empty_and_trailing_rows"]
+  lhs, rhs, group_sizes, dout = _inputs(m, d, f, sizes)
+  total = sum(sizes)
+  # Garbage in the unused rows of a dispatch buffer must not leak into any result.
+  lhs = lhs.at[total:].set(jnp.nan)
+  out, dlhs, drhs = _gmm_and_grads(backend, lhs, rhs, group_sizes, dout)
+  np_dlhs, np_drhs = _numpy_gmm_vjp(lhs[:total], rhs, sizes, dout[:total])
+  np.testing.assert_array_equal(out[total:], 0.0)
+  np.testing.assert_array_equal(dlhs[total:], 0.0)
+  assert _rel_err(out[:total], _numpy_gmm(lhs[:total], rhs, sizes)) < F32_TOL
+  assert _rel_err(dlhs[:total], np_dlhs) < F32_TOL
+  assert _rel_err(drhs, np_drhs) < F32_TOL
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["ragged_with_empty_and_trailing_rows", "eight_groups_ragged"])
+def test_tgmm_matches_numpy(backend, case):
+  m, d, f, sizes = CASES[case]
+  lhs, _, group_sizes, grad = _inputs(m, d, f, sizes)
+  # Rows past the groups are ignored, even when they hold garbage.
+  total = sum(sizes)
+  lhs, grad = lhs.at[total:].set(jnp.nan), grad.at[total:].set(jnp.inf)
+  out = jax.jit(functools.partial(tgmm, num_groups=len(sizes), backend=backend))(
+    lhs, grad, group_sizes
+  )
+  assert out.shape == (len(sizes), d, f) and out.dtype == jnp.float32
+  assert _rel_err(out, _numpy_tgmm(lhs[:total], grad[:total], sizes)) < F32_TOL
+  for e, size in enumerate(sizes):
+    if size == 0:
+      np.testing.assert_array_equal(out[e], 0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tgmm_grads_match_numpy(backend):
+  """tgmm's own VJP (two gmm calls): d lhs[m] = dout[g] @ grad[m], d grad[m] = lhs[m] @ dout[g]."""
+  m, d, f, sizes = CASES["ragged_with_empty_and_trailing_rows"]
+  lhs, _, group_sizes, grad = _inputs(m, d, f, sizes)
+  dout = jnp.asarray(np.random.default_rng(2).normal(size=(len(sizes), d, f)), jnp.float32)
+  _, vjp = jax.vjp(lambda x, g: tgmm(x, g, group_sizes, backend=backend), lhs, grad)
+  dlhs, dgrad = vjp(dout)
+  assert _rel_err(dlhs, _numpy_gmm(grad, np.swapaxes(np.asarray(dout), 1, 2), sizes)) < F32_TOL
+  assert _rel_err(dgrad, _numpy_gmm(lhs, dout, sizes)) < F32_TOL
+
+
+def test_auto_backend_follows_platform():
+  expected = "cpu" if jax.default_backend() == "cpu" else "xla"
+  assert ops._resolve_backend("auto", jnp.zeros((2, 2))) == expected
+  m, d, f, sizes = CASES["ragged_with_empty_and_trailing_rows"]
+  lhs, rhs, group_sizes, _ = _inputs(m, d, f, sizes)
+  assert _rel_err(gmm(lhs, rhs, group_sizes), _numpy_gmm(lhs, rhs, sizes)) < F32_TOL
+
+
+def test_gmm_under_shard_map():
+  """Each device holds its own rows and its own group sizes; nothing assumes a global view."""
+  devices = np.array(jax.devices())
+  n, (m, d, f, sizes) = len(devices), CASES["ragged_with_empty_and_trailing_rows"]
+  mesh = jax.sharding.Mesh(devices, ("x",))
+  rng = np.random.default_rng(3)
+  lhs = jnp.asarray(rng.normal(size=(n * m, d)), jnp.float32)
+  rhs = jnp.asarray(rng.normal(size=(len(sizes), d, f)), jnp.float32)
+  shard_sizes = np.stack([np.roll(sizes, i) for i in range(n)]).astype(np.int32)  # [n, E]
+  spec = jax.sharding.PartitionSpec
+
+  @jax.jit
+  @functools.partial(
+    jax.shard_map, mesh=mesh, in_specs=(spec("x"), spec(), spec("x")), out_specs=spec("x")
+  )
+  def sharded_loss_grads(x, w, gs):
+    loss = lambda x, w: jnp.sum(gmm(x, w, gs[0], backend="cpu") ** 2)
+    dx, dw = jax.grad(loss, argnums=(0, 1))(x, w)
+    return gmm(x, w, gs[0], backend="cpu"), dx, dw[None]
+
+  out, dx, dw = sharded_loss_grads(lhs, rhs, jnp.asarray(shard_sizes))
+  np_dw_total = 0.0
+  for i in range(n):
+    rows = slice(i * m, (i + 1) * m)
+    expected = _numpy_gmm(lhs[rows], rhs, shard_sizes[i])
+    np_dx, np_dw = _numpy_gmm_vjp(lhs[rows], rhs, shard_sizes[i], 2 * expected)
+    np_dw_total = np_dw_total + np_dw
+    assert _rel_err(out[rows], expected) < F32_TOL
+    assert _rel_err(dx[rows], np_dx) < F32_TOL
+  # rhs is replicated, so its gradient is the sum over the shards, the same on every device.
+  for i in range(n):
+    assert _rel_err(dw[i], np_dw_total) < F32_TOL
+
+
+def test_gmm_under_shard_map_with_sharded_weights():
+  """Tensor-parallel layout: lhs replicated, rhs split along F. d lhs must be summed over shards."""
+  devices = np.array(jax.devices())
+  mesh = jax.sharding.Mesh(devices, ("x",))
+  m, d, _, sizes = CASES["ragged_with_empty_and_trailing_rows"]
+  f = 5 * len(devices)
+  lhs, rhs, group_sizes, _ = _inputs(m, d, f, sizes, seed=4)
+  spec = jax.sharding.PartitionSpec
+
+  @jax.jit
+  @functools.partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(spec(), spec(None, None, "x"), spec()),
+    out_specs=(spec(None, "x"), spec(), spec(None, None, "x")),
+  )
+  def sharded_loss_grads(x, w, gs):
+    loss = lambda x, w: jnp.sum(gmm(x, w, gs, backend="cpu") ** 2)
+    return gmm(x, w, gs, backend="cpu"), *jax.grad(loss, argnums=(0, 1))(x, w)
+
+  out, dx, dw = sharded_loss_grads(lhs, rhs, group_sizes)
+  expected = _numpy_gmm(lhs, rhs, sizes)
+  np_dx, np_dw = _numpy_gmm_vjp(lhs, rhs, sizes, 2 * expected)
+  assert _rel_err(out, expected) < F32_TOL
+  assert _rel_err(dx, np_dx) < F32_TOL
+  assert _rel_err(dw, np_dw) < F32_TOL
+
+
+def test_unknown_backend_is_named():
+  lhs, rhs, group_sizes, grad = _inputs(4, 3, 2, (2, 2))
+  with pytest.raises(ValueError, match=r"backend='pallas_cpu'.*'auto'.*'cpu'"):
+    gmm(lhs, rhs, group_sizes, backend="pallas_cpu")
+  with pytest.raises(ValueError, match=r"backend='nope'"):
+    tgmm(lhs, grad, group_sizes, backend="nope")
+
+
+@pytest.mark.parametrize(
+  ("lhs_shape", "rhs_shape", "sizes_shape", "message"),
+  [
+    ((4,), (2, 3, 5), (2,), r"lhs must be \[M, D\], got shape \(4,\)"),
+    ((4, 3), (3, 5), (2,), r"rhs must be \[E, D, F\], got shape \(3, 5\)"),
+    ((4, 3), (2, 4, 5), (2,), r"lhs \[M, D\]=\(4, 3\) and rhs \[E, D, F\]=\(2, 4, 5\)"),
+    ((4, 3), (2, 3, 5), (3,), r"group_sizes must have shape \[E\]=\(2,\), got \(3,\)"),
+    ((4, 3), (2, 3, 5), (1, 2), r"group_sizes must have shape \[E\]=\(2,\), got \(1, 2\)"),
+  ],
+)
+def test_gmm_shape_errors(lhs_shape, rhs_shape, sizes_shape, message):
+  with pytest.raises(ValueError, match=message):
+    gmm(jnp.zeros(lhs_shape), jnp.zeros(rhs_shape), jnp.zeros(sizes_shape, jnp.int32))
+
+
+def test_tgmm_and_dtype_errors():
+  lhs, _, group_sizes, grad = _inputs(4, 3, 2, (2, 2))
+  with pytest.raises(ValueError, match=r"grad must be \[M, F\].*got shape \(5, 2\)"):
+    tgmm(lhs, jnp.zeros((5, 2)), group_sizes)
+  with pytest.raises(ValueError, match=r"group_sizes must have shape \[E\]=\(3,\), got \(2,\)"):
+    tgmm(lhs, grad, group_sizes, num_groups=3)
+  with pytest.raises(ValueError, match=r"group_sizes must be integers"):
+    gmm(lhs, jnp.zeros((2, 3, 2)), jnp.asarray([2.0, 2.0]))
+  with pytest.raises(ValueError, match=r"block_m must be a positive int"):
+    cpu.gmm(lhs, jnp.zeros((2, 3, 2)), group_sizes, block_m=0)
