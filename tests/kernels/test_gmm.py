@@ -38,7 +38,7 @@ CASES = {
 
 # Tile configurations for the cpu kernels, small enough that the test shapes need several tiles
 # per group, partial last tiles, several tile levels and windows shifted back at the array's end.
-CPU_BLOCKS = ((8,), (16, 4), (7, 2, 1), (16, 8, 4, 2), (64,))
+CPU_BLOCKS = ((8,), (7, 2, 1), (16, 8, 4, 2))
 
 
 def _numpy_gmm(lhs, rhs, group_sizes):
@@ -252,9 +252,8 @@ def test_rows_past_groups_are_ignored_even_if_not_finite(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", ["ragged_with_empty_and_trailing_rows", "eight_groups_ragged"])
-def test_tgmm_matches_numpy(backend, case):
-  m, d, f, sizes = CASES[case]
+def test_tgmm_matches_numpy(backend):
+  m, d, f, sizes = CASES["eight_groups_ragged"]
   lhs, _, group_sizes, grad = _inputs(m, d, f, sizes)
   # Rows past the groups are ignored, even when they hold garbage.
   total = sum(sizes)
@@ -275,8 +274,13 @@ def test_tgmm_grads_match_numpy(backend):
   m, d, f, sizes = CASES["ragged_with_empty_and_trailing_rows"]
   lhs, _, group_sizes, grad = _inputs(m, d, f, sizes)
   dout = jnp.asarray(np.random.default_rng(2).normal(size=(len(sizes), d, f)), jnp.float32)
-  _, vjp = jax.vjp(lambda x, g: tgmm(x, g, group_sizes, backend=backend), lhs, grad)
-  dlhs, dgrad = vjp(dout)
+
+  @jax.jit
+  def tgmm_vjp(lhs, grad, group_sizes, dout):
+    _, vjp = jax.vjp(lambda x, g: tgmm(x, g, group_sizes, backend=backend), lhs, grad)
+    return vjp(dout)
+
+  dlhs, dgrad = tgmm_vjp(lhs, grad, group_sizes, dout)
   assert _rel_err(dlhs, _numpy_gmm(grad, np.swapaxes(np.asarray(dout), 1, 2), sizes)) < F32_TOL
   assert _rel_err(dgrad, _numpy_gmm(lhs, dout, sizes)) < F32_TOL
 
