@@ -1,0 +1,230 @@
+"""`ModelConfig`: the frozen, self-validating description of a decoder-only MoE language model.
+
+The layer pattern follows DeepSeekMoE / DeepSeek-V2 (`first_k_dense_replace`, `moe_layer_freq`):
+
+    layer i is MoE  iff  moe is not None and i >= first_k_dense and (i - first_k_dense) % moe_every == 0
+
+so `first_k_dense=1, moe_every=1` is DeepSeek-V2/V3 (dense first layer, MoE after), `moe_every=2` is
+GShard / Switch (every other layer), and `moe=None` is a dense Llama-style model.
+
+Causality: with dropless dispatch and a token-choice router each token's output depends only on
+itself and earlier tokens. Expert-choice routing, and capacity dispatch (a token's copy can be dropped
+because later tokens filled the expert first), make it depend on the whole batch, future tokens
+included: usable for training experiments, not for autoregressive decoding as is.
+
+Build it from an experiment's `config.model` with `ModelConfig.from_config`; `to_dict()` goes back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from moejax.moe.config import ACTIVATIONS, MoEConfig
+
+# dtype names accepted in configs (strings keep experiment files free of jnp imports).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+  raise ValueError(f"ModelConfig.{field}={value!r} is invalid: {allowed}")
+
+
+def to_dtype(value: Any, field: str = "dtype") -> jnp.dtype:
+  """'float32' | 'bfloat16' | 'float16' or a jnp dtype -> jnp.dtype; ValueError naming `field`."""
+  try:
+    dtype = jnp.dtype(DTYPES.get(value, value) if isinstance(value, str) else value)
+  except TypeError:
+    dtype = None
+  if dtype is None or dtype.name not in DTYPES:
+    _fail(field, value, f"known dtypes are {', '.join(DTYPES)}")
+  return dtype
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+  """A decoder-only transformer LM; dimension names follow DESIGN.md (V vocab, D width, L layers).
+
+  The defaults give a Llama-style dense model: RoPE, pre-RMSNorm, SwiGLU, untied embeddings, MHA.
+  `dtype`/`param_dtype` also apply to the MoE layers: the nested `moe` is stored with them.
+  """
+
+  # Vocabulary size V.
+  vocab_size: int
+  # Model width D.
+  d_model: int
+  # Transformer blocks L.
+  num_layers: int
+  # Query heads H.
+  num_heads: int
+  # Key/value heads (grouped-query attention); None = num_heads (multi-head attention).
+  num_kv_heads: int | None = None
+  # Width of each head; None = d_model // num_heads.
+  head_dim: int | None = None
+  # Hidden width of the dense FFN layers; required when the model has any dense layer.
+  dense_hidden_dim: int | None = None
+  # Activation of the dense FFN layers: one of moejax.moe.config.ACTIVATIONS.
+  activation: str = "swiglu"
+  # Learned biases on q/k/v projections (Qwen2 / Qwen2-MoE have them).
+  qkv_bias: bool = False
+  # RoPE base theta (Llama 2: 1e4, Mixtral: 1e6).
+  rope_theta: float = 10000.0
+  # RMSNorm epsilon.
+  norm_eps: float = 1e-6
+  # Use the token embedding [V, D] as the output projection too (Press & Wolf 2017).
+  tie_embeddings: bool = False
+  # The MoE layer; None = a dense model.
+  moe: MoEConfig | None = None
+  # Every moe_every-th layer after the dense prefix is MoE (DeepSeek's moe_layer_freq).
+  moe_every: int = 1
+  # The first first_k_dense layers are dense (DeepSeek's first_k_dense_replace).
+  first_k_dense: int = 0
+  # Run the repeating part of the stack as one `nnx.scan`: trace and compile time stop growing with
+  # depth. Measured on XLA:CPU (D=64, E=8, fwd+bwd): 16 layers compile in 12 s scanned vs 37 s
+  # unscanned; at 4 layers scanning gains nothing.
+  scan_layers: bool = False
+  # Activation (compute) dtype and parameter dtype; logits and losses are float32 regardless.
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  # Coefficients of the MoE auxiliary losses, summed over MoE layers into aux["aux_loss"]:
+  # Switch load balance (Fedus et al. 2021), DeepSeek-V3 sequence-wise balance, ST-MoE router z-loss.
+  load_balance_coef: float = 0.01
+  seq_balance_coef: float = 0.0
+  z_loss_coef: float = 0.0
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "moe_every"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        _fail(name, value, "must be a positive integer")
+    for name in ("num_kv_heads", "head_dim", "dense_hidden_dim"):
+      value = getattr(self, name)
+      if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        _fail(name, value, "must be a positive integer or None")
+    if not isinstance(self.first_k_dense, int) or not 0 <= self.first_k_dense <= self.num_layers:
+      _fail("first_k_dense", self.first_k_dense, f"must lie in [0, num_layers={self.num_layers}]")
+    if self.head_dim is None and self.d_model % self.num_heads:
+      _fail(
+        "num_heads",
+        self.num_heads,
+        f"must divide d_model={self.d_model} when head_dim is None (or set head_dim)",
+      )
+    if self.num_heads % self.resolved_num_kv_heads:
+      _fail("num_kv_heads", self.num_kv_heads, f"must divide num_heads={self.num_heads}")
+    if self.resolved_head_dim % 2:
+      _fail("head_dim", self.resolved_head_dim, "must be even (rotary embeddings rotate pairs)")
+    if self.activation not in ACTIVATIONS:
+      _fail("activation", self.activation, f"known activations are {', '.join(ACTIVATIONS)}")
+    for name in ("rope_theta", "norm_eps"):
+      value = getattr(self, name)
+      if not (value > 0 and math.isfinite(value)):
+        _fail(name, value, "must be a finite number > 0")
+    for name in ("load_balance_coef", "seq_balance_coef", "z_loss_coef"):
+      value = getattr(self, name)
+      if not (value >= 0 and math.isfinite(value)):
+        _fail(name, value, "must be a finite number >= 0")
+    # Frozen: normalise through object.__setattr__ (dtype strings -> jnp dtypes).
+    object.__setattr__(self, "dtype", to_dtype(self.dtype, "dtype"))
+    object.__setattr__(self, "param_dtype", to_dtype(self.param_dtype, "param_dtype"))
+    if self.moe is not None:
+      if not isinstance(self.moe, MoEConfig):
+        _fail("moe", self.moe, "must be a MoEConfig or None (use from_config for a ConfigDict)")
+      if self.moe.d_model != self.d_model:
+        _fail("moe.d_model", self.moe.d_model, f"must equal d_model={self.d_model}")
+      moe = self.moe.replace(dtype=self.dtype, param_dtype=self.param_dtype)
+      object.__setattr__(self, "moe", moe)
+    if self.dense_hidden_dim is None and self.num_moe_layers < self.num_layers:
+      _fail(
+        "dense_hidden_dim",
+        None,
+        f"is required: {self.num_layers - self.num_moe_layers} of the {self.num_layers} layers "
+        "are dense",
+      )
+
+  # ------------------------------------------------------------------------------------------------
+  # Derived values.
+
+  @property
+  def resolved_num_kv_heads(self) -> int:
+    """num_kv_heads, with None read as num_heads."""
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def resolved_head_dim(self) -> int:
+    """head_dim, with None read as d_model // num_heads."""
+    return self.head_dim or self.d_model // self.num_heads
+
+  def is_moe_layer(self, i: int) -> bool:
+    """Whether layer i (0-based) has an MoE FFN."""
+    return (
+      self.moe is not None
+      and i >= self.first_k_dense
+      and (i - self.first_k_dense) % self.moe_every == 0
+    )
+
+  @property
+  def moe_layers(self) -> tuple[int, ...]:
+    """Indices of the MoE layers, in order: the rows of aux["expert_counts"]."""
+    return tuple(i for i in range(self.num_layers) if self.is_moe_layer(i))
+
+  @property
+  def num_moe_layers(self) -> int:
+    return len(self.moe_layers)
+
+  def replace(self, **changes) -> ModelConfig:
+    return dataclasses.replace(self, **changes)
+
+  # ------------------------------------------------------------------------------------------------
+  # ConfigDict round trip.
+
+  @classmethod
+  def from_config(cls, config: Any) -> ModelConfig:
+    """Build from an experiment's `config.model` (an ml_collections ConfigDict or a mapping).
+
+    Keys are ModelConfig field names; `moe` (optional, None = dense) holds MoEConfig field names, its
+    `d_model` defaulting to the model's. dtypes may be strings ('float32', 'bfloat16').
+    """
+    fields = _as_dict(config)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - names)
+    if unknown:
+      raise ValueError(f"ModelConfig has no field(s) {unknown}; known fields are {sorted(names)}")
+    moe = fields.pop("moe", None)
+    if moe is not None and not isinstance(moe, MoEConfig):
+      moe = _as_dict(moe)
+      moe_names = {f.name for f in dataclasses.fields(MoEConfig)}
+      unknown = sorted(set(moe) - moe_names)
+      if unknown:
+        raise ValueError(
+          f"MoEConfig has no field(s) {unknown}; known fields are {sorted(moe_names)}"
+        )
+      moe.setdefault("d_model", fields.get("d_model"))
+      for name in ("dtype", "param_dtype"):
+        moe[name] = to_dtype(moe.get(name, fields.get(name, "float32")), f"moe.{name}")
+      moe = MoEConfig(**moe)
+    return cls(moe=moe, **fields)
+
+  def to_dict(self) -> dict[str, Any]:
+    """Plain dict (dtypes as strings, `moe` as a dict or None) that `from_config` reads back."""
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    out["dtype"], out["param_dtype"] = self.dtype.name, self.param_dtype.name
+    if self.moe is not None:
+      moe = dataclasses.asdict(self.moe)
+      moe["dtype"], moe["param_dtype"] = (
+        jnp.dtype(moe["dtype"]).name,
+        jnp.dtype(moe["param_dtype"]).name,
+      )
+      out["moe"] = moe
+    return out
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+  if hasattr(config, "to_dict"):  # ml_collections.ConfigDict (resolves FieldReferences)
+    return dict(config.to_dict())
+  if isinstance(config, Mapping):
+    return dict(config)
+  raise TypeError(f"expected a ConfigDict or a mapping, got {type(config).__name__}")

@@ -1,0 +1,172 @@
+"""Attention against an independent numpy float64 implementation (per-head loops, direct RoPE formula).
+
+Tolerance: float32 implementation vs float64 reference, max |a - b| <= 1e-5 * max |b|.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax.models import Attention, apply_rope, attention_mask, rope_angles
+
+RTOL = 1e-5
+B, S, D = 2, 7, 32
+
+
+def assert_close(actual, expected, rtol=RTOL, what=""):
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  assert actual.shape == expected.shape, (what, actual.shape, expected.shape)
+  err, scale = np.abs(actual - expected).max(), np.abs(expected).max()
+  assert err <= rtol * scale, f"{what}: max err {err:.3e} > {rtol} * {scale:.3e}"
+
+
+def rope_reference(x, positions, theta):
+  """x [B, S, H, A] float64: dimension j pairs with j + A/2, rotated by p * theta^(-2j/A)."""
+  a = x.shape[-1]
+  out = np.empty_like(x)
+  for j in range(a // 2):
+    angle = positions[:, :, None] * theta ** (-2.0 * j / a)  # [B, S, 1]
+    x1, x2 = x[..., j], x[..., j + a // 2]
+    out[..., j] = x1 * np.cos(angle) - x2 * np.sin(angle)
+    out[..., j + a // 2] = x2 * np.cos(angle) + x1 * np.sin(angle)
+  return out
+
+
+def attention_reference(params, x, positions, theta, segment_ids=None):
+  """Per-head, per-query loops in float64."""
+  q = np.einsum("bsd,dha->bsha", x, params["q_proj.kernel"])
+  k = np.einsum("bsd,dha->bsha", x, params["k_proj.kernel"])
+  v = np.einsum("bsd,dha->bsha", x, params["v_proj.kernel"])
+  if "q_proj.bias" in params:
+    q, k, v = q + params["q_proj.bias"], k + params["k_proj.bias"], v + params["v_proj.bias"]
+  q, k = rope_reference(q, positions, theta), rope_reference(k, positions, theta)
+  b, s, h, a = q.shape
+  group = h // k.shape[2]
+  out = np.zeros_like(q)
+  for bi in range(b):
+    for hi in range(h):
+      kv = hi // group
+      for si in range(s):
+        keys = [
+          t
+          for t in range(si + 1)
+          if segment_ids is None or segment_ids[bi, t] == segment_ids[bi, si]
+        ]
+        scores = np.array([q[bi, si, hi] @ k[bi, t, kv] for t in keys]) / np.sqrt(a)
+        p = np.exp(scores - scores.max())
+        p /= p.sum()
+        out[bi, si, hi] = sum(pi * v[bi, t, kv] for pi, t in zip(p, keys, strict=True))
+  return np.einsum("bsha,had->bsd", out, params["o_proj.kernel"])
+
+
+def rngs(seed=0) -> nnx.Rngs:
+  # XLA:CPU compiles threefry initialisers about 4x slower than these.
+  return nnx.Rngs(jax.random.key(seed, impl="unsafe_rbg"))
+
+
+# LLVM backend optimisations double XLA:CPU compile time and buy nothing at test sizes.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+@functools.cache
+def _apply_fn(graphdef):
+  return jax.jit(
+    lambda state, x, **kw: nnx.merge(graphdef, state)(x, **kw), compiler_options=FAST_COMPILE
+  )
+
+
+def apply(attn, x, **kw):
+  """attn(x, **kw), compiled once per structure (eager dispatch compiles every op separately)."""
+  graphdef, state = nnx.split(attn)
+  return _apply_fn(graphdef)(state, x, **kw)
+
+
+def make(num_heads, num_kv_heads, qkv_bias=False, theta=10000.0, seed=0):
+  attn = Attention(D, num_heads, num_kv_heads, rope_theta=theta, qkv_bias=qkv_bias, rngs=rngs(seed))
+  rng = np.random.default_rng(seed)
+  if qkv_bias:
+    for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+      proj.bias[...] = jnp.asarray(rng.normal(size=proj.bias.shape), jnp.float32)
+  params = {
+    ".".join(map(str, p)): np.asarray(v[...], np.float64)
+    for p, v in nnx.to_flat_state(nnx.state(attn, nnx.Param))
+  }
+  x = rng.normal(size=(B, S, D)).astype(np.float32)
+  return attn, params, x
+
+
+@pytest.mark.parametrize(
+  "num_heads,num_kv_heads,qkv_bias",
+  [(4, 4, False), (4, 2, True), (4, 1, False)],
+  ids=["mha", "gqa-bias", "mqa"],
+)
+def test_attention_matches_reference(num_heads, num_kv_heads, qkv_bias):
+  attn, params, x = make(num_heads, num_kv_heads, qkv_bias, theta=500.0)
+  assert attn.k_proj.kernel.shape == (D, num_kv_heads, D // num_heads)
+  positions = np.broadcast_to(np.arange(S), (B, S))
+  y = apply(attn, jnp.asarray(x))
+  assert_close(y, attention_reference(params, x.astype(np.float64), positions, 500.0), what="y")
+
+
+def test_positions_and_segments_match_reference():
+  attn, params, x = make(4, 2)
+  positions = np.array([[3, 4, 5, 6, 7, 8, 9], [0, 1, 2, 0, 1, 2, 3]])
+  segments = np.array([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 2, 2, 2, 2]])
+  y = apply(
+    attn, jnp.asarray(x), positions=jnp.asarray(positions), segment_ids=jnp.asarray(segments)
+  )
+  expected = attention_reference(params, x.astype(np.float64), positions, 10000.0, segments)
+  assert_close(y, expected, what="y")
+  # A packed second sequence equals the same tokens run alone from position 0.
+  alone = apply(attn, jnp.asarray(x[1:, 3:]))
+  assert_close(y[1:, 3:], alone, what="packed vs alone")
+
+
+def test_causal():
+  attn, _, x = make(4, 2)
+  y = apply(attn, jnp.asarray(x))
+  x2 = x.copy()
+  x2[:, 4:] = np.random.default_rng(1).normal(size=x2[:, 4:].shape)
+  y2 = apply(attn, jnp.asarray(x2))
+  np.testing.assert_array_equal(np.asarray(y[:, :4]), np.asarray(y2[:, :4]))
+  assert not np.allclose(np.asarray(y[:, 4:]), np.asarray(y2[:, 4:]))
+
+
+def test_rope_formula_and_relative_positions():
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(B, S, 3, 8))
+  positions = rng.integers(0, 1000, size=(B, S))
+  cos, sin = rope_angles(jnp.asarray(positions), 8, theta=10000.0)
+  y = apply_rope(jnp.asarray(x, jnp.float32), cos, sin)
+  assert_close(y, rope_reference(x, positions, 10000.0), what="rope")
+  # q . k depends only on the offset between the positions.
+  q, k = (jnp.asarray(rng.normal(size=(1, 1, 1, 8)), jnp.float32) for _ in range(2))
+
+  def score(pq, pk):
+    cq, sq = rope_angles(jnp.array([[pq]]), 8)
+    ck, sk = rope_angles(jnp.array([[pk]]), 8)
+    return float(jnp.sum(apply_rope(q, cq, sq) * apply_rope(k, ck, sk)))
+
+  assert score(5, 2) == pytest.approx(score(105, 102), rel=1e-4)
+
+
+def test_mask_and_bf16():
+  mask = attention_mask(4, jnp.array([[0, 0, 1, 1]]))
+  expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], bool)
+  np.testing.assert_array_equal(np.asarray(mask[0]), expected)
+  attn = Attention(D, 4, 2, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=rngs())
+  y = apply(attn, jnp.ones((B, S, D)))
+  assert y.dtype == jnp.bfloat16 and attn.q_proj.kernel[...].dtype == jnp.float32
+  assert bool(jnp.all(jnp.isfinite(y.astype(jnp.float32))))
+  assert jax.tree.leaves(nnx.state(attn, nnx.Param))  # parameters exist
+
+
+def test_logical_axes():
+  attn = Attention(D, 4, 2, qkv_bias=True, rngs=rngs())
+  assert attn.q_proj.kernel.get_metadata()["logical_axes"] == ("embed", "heads", "kv")
+  assert attn.k_proj.bias.get_metadata()["logical_axes"] == ("heads", "kv")
+  assert attn.o_proj.kernel.get_metadata()["logical_axes"] == ("heads", "kv", "embed")
