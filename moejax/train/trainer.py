@@ -1,0 +1,231 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+    data (grain) -> jitted train step (donated state) on the mesh -> metrics (JSONL, TensorBoard,
+    progress bar) -> orbax checkpoints (atomic, resumable) -> periodic evaluation -> plots
+
+The model is split once into a static graph and three pytrees: trainable `params` (nnx.Param), the
+other state `rest` (the aux-loss-free routing bias, router-noise RNG counters) and the optimizer
+state. The step is a pure function of those and the batch, so it jits with donation and shards by
+the parameters' logical axes. Rerunning the same command resumes from the latest checkpoint, data
+iterator position and RNG included, and reproduces an uninterrupted run step for step.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+
+from moejax import sharding
+from moejax.data import DataConfig, build_datasets
+from moejax.models import ModelConfig, Transformer, lm_loss
+from moejax.train import plots
+from moejax.train.checkpoint import Checkpointer
+from moejax.train.metrics import MetricsWriter
+from moejax.train.optimizer import make_optimizer
+from moejax.train.run_info import write_run_info
+
+# aux entries reported per step (scalars averaged over MoE layers by the model).
+_AUX_SCALARS = ("aux_loss", "load_balance_loss", "seq_balance_loss", "router_z_loss")
+
+
+def build_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+  """ModelConfig from `config.model`, the vocabulary taken from the tokenizer when unset."""
+  model = config.model.copy_and_resolve_references()
+  if model.vocab_size is None:
+    model.vocab_size = vocab_size
+  elif model.vocab_size < vocab_size:
+    raise ValueError(
+      f"config.model.vocab_size={model.vocab_size} is smaller than the tokenizer's {vocab_size}"
+    )
+  return ModelConfig.from_config(model)
+
+
+def _to_host(tree) -> Any:
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+class Trainer:
+  """Owns the model graph, the jitted steps and the shardings of one run."""
+
+  def __init__(self, config: ml_collections.ConfigDict, model_config: ModelConfig, mesh):
+    self.config = config
+    self.mesh = mesh
+    self.tx, self.schedule = make_optimizer(config.train)
+    seed = int(config.train.seed)
+
+    def create():
+      model = Transformer(model_config, rngs=nnx.Rngs(params=seed, jitter=seed + 1))
+      model.train()
+      return model
+
+    abstract = nnx.eval_shape(create)
+    self.graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
+    eval_model = nnx.eval_shape(create)
+    eval_model.eval()
+    self.eval_graphdef = nnx.split(eval_model, nnx.Param, ...)[0]
+
+    self.param_shardings = sharding.state_shardings(abs_params, mesh)
+    self.rest_shardings = sharding.state_shardings(abs_rest, mesh)
+
+    def init():
+      _, params, rest = nnx.split(create(), nnx.Param, ...)
+      return params, rest, self.tx.init(params)
+
+    abs_opt = jax.eval_shape(lambda: init()[2])
+    # Optimizer moments shard like their parameters; scalars (counts) are replicated.
+    self.opt_shardings = _opt_shardings(abs_opt, abs_params, self.param_shardings, mesh)
+    self._init = jax.jit(
+      init, out_shardings=(self.param_shardings, self.rest_shardings, self.opt_shardings)
+    )
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self._train_step = jax.jit(self._step, donate_argnums=(0, 1, 2))
+    self._eval_step = jax.jit(self._eval)
+
+  def init(self):
+    return self._init()
+
+  def _step(self, params, rest, opt_state, batch):
+    graphdef = self.graphdef
+
+    def loss_fn(params):
+      # The router-noise RNG counters in `rest` are mutated inside the grad trace, which needs
+      # Variables created at that trace level: rebuild them here (tree.map makes new ones).
+      model = nnx.merge(graphdef, params, jax.tree.map(lambda x: x, rest))
+      logits, aux = model(batch["inputs"], token_mask=batch["mask"])
+      loss, num_tokens = lm_loss(logits, batch["targets"], batch["mask"])
+      new_rest = nnx.state(model, nnx.Not(nnx.Param))
+      return loss + aux["aux_loss"], (loss, num_tokens, aux, new_rest)
+
+    grads, (loss, num_tokens, aux, new_rest) = jax.grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = self.tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    # The aux-loss-free bias moves by its own rule, outside the optimizer (DeepSeek-V3).
+    model = nnx.merge(graphdef, params, new_rest)
+    model.update_aux_free_bias(aux["expert_counts"])
+    rest = nnx.state(model, nnx.Not(nnx.Param))
+    counts = aux["expert_counts"]  # [L_moe, E]
+    metrics = {
+      "loss": loss,
+      "grad_norm": optax.tree.norm(grads),
+      "num_tokens": num_tokens,
+      "dropped_fraction": jnp.mean(aux["dropped_fraction"]) if counts.shape[0] else 0.0,
+      "expert_load": aux["expert_load"],
+      "load_imbalance": jnp.max(counts, axis=-1) / jnp.maximum(jnp.mean(counts, axis=-1), 1e-9),
+      **{k: aux[k] for k in _AUX_SCALARS if k in aux},
+    }
+    return params, rest, opt_state, metrics
+
+  def _eval(self, params, rest, batch):
+    model = nnx.merge(self.eval_graphdef, params, rest)
+    logits, _ = model(batch["inputs"], token_mask=batch["mask"])
+    loss, num_tokens = lm_loss(logits, batch["targets"], batch["mask"])
+    return loss * num_tokens, num_tokens
+
+  def put_batch(self, batch: dict) -> dict:
+    """Host batch (this process's rows) -> a global array sharded over the data axes."""
+    out = {}
+    for k in ("inputs", "targets", "mask"):
+      local = np.asarray(batch[k])
+      out[k] = jax.make_array_from_process_local_data(
+        sharding.batch_sharding(self.mesh, local.ndim), local
+      )
+    return out
+
+  def train_step(self, params, rest, opt_state, batch):
+    return self._train_step(params, rest, opt_state, self.put_batch(batch))
+
+  def evaluate(self, params, rest, batches) -> float:
+    total, count = 0.0, 0.0
+    for batch in batches:
+      loss_sum, n = self._eval_step(params, rest, self.put_batch(batch))
+      total += float(loss_sum)
+      count += float(n)
+    return total / max(count, 1.0)
+
+
+def _opt_shardings(abs_opt, abs_params, param_shardings, mesh):
+  """Optimizer-state leaves shaped like a parameter take that parameter's sharding."""
+  by_shape: dict[tuple, Any] = {}
+  flat_params = jax.tree.leaves(abs_params)
+  flat_shard = jax.tree.leaves(
+    param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+  )
+  for p, s in zip(flat_params, flat_shard, strict=True):
+    by_shape.setdefault((p.shape, p.dtype), s)
+  return jax.tree.map(
+    lambda x: by_shape.get((x.shape, x.dtype), sharding.replicated(mesh)), abs_opt
+  )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
+  t = config.train
+  # Everything that can be wrong with the config fails here, before the workdir is touched.
+  data_config = DataConfig.from_config(
+    config.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed
+  )
+  datasets = build_datasets(data_config)
+  model_config = build_model_config(config, datasets.vocab_size)
+  mesh = sharding.make_mesh(config.mesh)
+
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    write_run_info(workdir, config)
+  trainer = Trainer(config, model_config, mesh)
+
+  checkpointer = Checkpointer(workdir, keep=t.keep_checkpoints)
+  train_iter = datasets.train_iter()
+  params, rest, opt_state = trainer.init()
+  start_step = checkpointer.latest_step() or 0
+  if start_step:
+    (params, rest, opt_state), data_state = checkpointer.restore(
+      start_step, (params, rest, opt_state)
+    )
+    train_iter.set_state(data_state)
+  val_batches = list(datasets.val_batches(t.eval_batches))
+
+  final: dict = {}
+  with MetricsWriter(
+    workdir, total_steps=t.steps, start_step=start_step, progress_bar=t.progress_bar
+  ) as writer:
+    if start_step == 0:
+      eval_loss = trainer.evaluate(params, rest, val_batches)
+      writer.write(0, {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss))})
+    tick, tokens = time.perf_counter(), 0
+    for step in range(start_step + 1, t.steps + 1):
+      batch = next(train_iter)
+      params, rest, opt_state, metrics = trainer.train_step(params, rest, opt_state, batch)
+      tokens += int(np.asarray(batch["mask"]).sum()) * jax.process_count()
+      if step % t.log_every == 0 or step == t.steps:
+        m = _to_host(metrics)
+        now = time.perf_counter()
+        m["tokens_per_s"] = tokens / max(now - tick, 1e-9)
+        m["learning_rate"] = float(trainer.schedule(step - 1))
+        m["perplexity"] = float(np.exp(m["loss"]))
+        tick, tokens = now, 0
+        writer.write(step, m)
+        writer.update(
+          step, {"loss": f"{float(m['loss']):.3f}", "tok/s": f"{m['tokens_per_s']:.0f}"}
+        )
+        final.update(loss=float(m["loss"]))
+      else:
+        writer.update(step, None)
+      if step % t.eval_every == 0 or step == t.steps:
+        eval_loss = trainer.evaluate(params, rest, val_batches)
+        writer.write(step, {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss))})
+        final.update(eval_loss=eval_loss)
+      if step % t.checkpoint_every == 0 or step == t.steps:
+        checkpointer.save(step, (params, rest, opt_state), train_iter.get_state())
+  checkpointer.close()
+  if t.plots and jax.process_index() == 0:
+    plots.plot_run(workdir)
+  return final
