@@ -40,15 +40,14 @@ def _fake_run(workdir, num_steps=20, num_layers=2, num_experts=4):
         w.write(step, {"eval_loss": 6.1 - 0.1 * step})
 
 
-def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+def run_notebook(workdir, tmp_path, monkeypatch) -> list:
+  """Executes the notebook on the run in `workdir`; returns the code cells' outputs."""
   try:
     spec = KernelSpecManager().get_kernel_spec("python3")
   except NoSuchKernel:
     pytest.fail("no 'python3' Jupyter kernel: `pip install ipykernel` provides it")
   if spec.argv[0] not in _SAME_INTERPRETER:
     pytest.fail(f"the 'python3' kernel spec runs {spec.argv[0]}, not {sys.executable}")
-  workdir = tmp_path / "run"
-  _fake_run(workdir)
   monkeypatch.setenv("MOEJAX_NOTEBOOK_WORKDIR", str(workdir))
   monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "jupyter_runtime"))
   notebook = nbformat.read(NOTEBOOK, as_version=4)
@@ -58,6 +57,13 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
   client.execute()  # Raises CellExecutionError, with the traceback, if any cell fails.
   outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
   assert not [o for o in outputs if o.output_type == "error"]
+  return outputs
+
+
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  _fake_run(workdir)
+  outputs = run_notebook(workdir, tmp_path, monkeypatch)
   images = [o for o in outputs if "image/png" in o.get("data", {})]
   assert len(images) == 3  # Loss, expert-load heatmaps, load imbalance + dropped fraction.
   text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.notebooks.test_quickstart_notebook import run_notebook
+
 REPO = Path(__file__).resolve().parents[2]
 
 # A shrunken tiny config: the real code path, a few seconds per run.
@@ -60,7 +62,7 @@ def _losses(workdir):
   return train, lines
 
 
-def test_short_run_writes_everything(tmp_path):
+def test_short_run_writes_everything(tmp_path, monkeypatch):
   workdir = tmp_path / "run"
   out = subprocess.run(
     _cmd(
@@ -97,6 +99,9 @@ def test_short_run_writes_everything(tmp_path):
   # Two layers, the first dense (first_k_dense=1): one MoE layer.
   assert np.asarray(last["expert_load"]).shape == (1, 8)
   assert json.loads((workdir / "config.json").read_text())["model"]["moe"]["router"] == "sigmoid"
+  # The quickstart notebook reads this real run: its loss and routing plots all render.
+  outputs = run_notebook(workdir, tmp_path, monkeypatch)
+  assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 3
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
