@@ -13,6 +13,11 @@ Two strategies, each a pair of pure functions around the expert computation:
 Unused routing slots (`Routing.mask` False: top-p, expert choice) are never dispatched. Expert choice
 fixes C itself (`Routing.capacity`), so capacity dispatch drops nothing for it, and dropless dispatch
 bounds its buffer by E * C instead of T * K.
+
+Causality: dropless dispatch with a token-choice router is causal (a token's output depends on no
+other token). Capacity dispatch is not: whether a token's copy is dropped depends on which tokens
+came before it in priority order, which includes later positions' first choices ahead of its second.
+Expert choice is not causal either. Use dropless for autoregressive evaluation and decoding.
 """
 
 from __future__ import annotations
@@ -131,14 +136,18 @@ def capacity(
   routing: Routing,
   experts: Callable[[jax.Array], jax.Array],
   capacity: int,
+  token_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Capacity-bounded MoE over x [T, D]; `experts(buffer [E, C, D]) -> [E, C, D]`."""
+  """Capacity-bounded MoE over x [T, D]; `experts(buffer [E, C, D]) -> [E, C, D]`.
+
+  The reported `dropped_fraction` counts the copies of real tokens (`token_mask` [T], 1 = real).
+  """
   with jax.named_scope("permute"):
     buffer, plan = capacity_dispatch(x, routing, capacity)  # [E, C, D]
   with jax.named_scope("experts"):
     out = experts(buffer)  # [E, C, D]
   with jax.named_scope("combine"):
     y = capacity_combine(out, plan, routing, x.dtype)  # [T, D]
-  used = jnp.sum(routing.mask)
-  dropped = 1.0 - jnp.sum(plan.keep) / jnp.maximum(used, 1)
+  used = routing.mask if token_mask is None else routing.mask & (token_mask[:, None] > 0)  # [T, K]
+  dropped = 1.0 - jnp.sum(plan.keep & used) / jnp.maximum(jnp.sum(used), 1)
   return y, {"dropped_fraction": dropped.astype(jnp.float32)}

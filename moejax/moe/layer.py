@@ -109,7 +109,7 @@ class MoE(nnx.Module):
       y, stats = dispatch.dropless(xt, routing, self.experts.grouped)
     else:
       cap = routing.capacity if routing.capacity is not None else c.capacity(b * s)
-      y, stats = dispatch.capacity(xt, routing, self.experts.batched, cap)
+      y, stats = dispatch.capacity(xt, routing, self.experts.batched, cap, tmask)
     if self.shared_experts is not None:
       with jax.named_scope("shared_experts"):
         y = y + self.shared_experts(xt)

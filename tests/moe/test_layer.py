@@ -259,3 +259,15 @@ def test_parameter_names_and_shapes():
   # The bias is state, not a trainable parameter.
   params = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
   assert "router.aux_free_bias" not in params
+
+
+def test_dropped_fraction_counts_only_real_tokens():
+  cfg = dataclasses.replace(BASE, dispatch="capacity", capacity_factor=0.5)
+  model, x, _ = make(cfg, seed=4)
+  params = flat_params(model)
+  chosen, requested = reference.select(cfg, params, np.asarray(x, np.float64).reshape(B * S, D))
+  real = np.arange(B * S) % S < S - 3  # the last 3 positions of each sequence are padding
+  _, aux = model(x, token_mask=jnp.asarray(real.reshape(B, S)))
+  expected = 1.0 - chosen[real].sum() / requested[real].sum()
+  np.testing.assert_allclose(float(aux["dropped_fraction"]), expected, atol=1e-6)
+  assert expected != 1.0 - chosen.sum() / requested.sum()  # the mask changes the answer here
