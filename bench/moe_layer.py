@@ -22,14 +22,10 @@ timed; the table reports the median of `--repeats` timed calls in milliseconds. 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax
@@ -38,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax.benchmarking import cpu_count, cpu_name, markdown_table, time_ms, torch_threads
 from moejax.moe import MoE, MoEConfig
 
 # The experts implementation that `MixtralForCausalLM(config)` resolves to by default in transformers
@@ -47,40 +44,6 @@ from moejax.moe import MoE, MoEConfig
 # loop over experts, so the config names the implementation explicitly.
 HF_EXPERTS_DEFAULT = "grouped_mm"
 HF_EXPERTS = ("grouped_mm", "eager", "batched_mm")
-
-
-def _cpu_count() -> int:
-  """The cores this process may run on: the size of XLA:CPU's intra-op thread pool."""
-  try:
-    return len(os.sched_getaffinity(0))
-  except AttributeError:  # not Linux
-    return os.cpu_count() or 1
-
-
-def _cpu_name() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def time_ms(fn: Callable[[], Any], *, repeats: int, warmup: int) -> float:
-  """Median wall time of `fn()` in milliseconds; `fn` must block until its results are ready.
-
-  The first call (compilation for a jitted step) and `warmup` more calls are not timed.
-  """
-  for _ in range(1 + warmup):
-    fn()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
 
 
 def bench_moejax(
@@ -119,19 +82,6 @@ def bench_dense(
   return time_ms(
     lambda: jax.block_until_ready(step(params, x, cot)), repeats=repeats, warmup=warmup
   )
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int):
-  """Runs PyTorch's intra-op pool with `threads` threads, then restores the previous setting."""
-  import torch
-
-  previous = torch.get_num_threads()
-  torch.set_num_threads(threads)
-  try:
-    yield
-  finally:
-    torch.set_num_threads(previous)
 
 
 def _to_torch(a) -> Any:
@@ -186,7 +136,7 @@ def bench_hf(
     num_experts_per_tok=c.top_k,
     experts_implementation=experts_implementation,
   )
-  with _torch_threads(threads):
+  with torch_threads(threads):
     block = MixtralSparseMoeBlock(config).float().train()
     # Its parameters are created with torch.empty; copy moejax's into Mixtral's layout:
     # router [E, D]; gate_up_proj [E, 2F, D], gate rows first; down_proj [E, D, F].
@@ -220,7 +170,7 @@ def bench_torch_dense(
       h = x.reshape(-1, x.shape[-1])  # [T, D]
       return self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h)).reshape(x.shape)
 
-  with _torch_threads(threads):
+  with torch_threads(threads):
     torch.manual_seed(0)
     ms, _ = _time_torch(SwiGLU(x.shape[-1], hidden), x, cot, repeats=repeats, warmup=warmup)
   return ms
@@ -234,10 +184,6 @@ def _with_config(layer: MoE, config: MoEConfig) -> MoE:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
   return None if a is None or b is None else a / b
-
-
-def _cell(v: Any, fmt: str) -> str:
-  return "-" if v is None else format(v, fmt)
 
 
 def format_table(rows: list[dict[str, Any]], header: str) -> str:
@@ -255,12 +201,7 @@ def format_table(rows: list[dict[str, Any]], header: str) -> str:
     ("moejax/hf", "moejax_over_hf", ".2f"),
     ("max abs(y - y_hf)", "hf_max_abs_diff", ".1e"),
   ]
-  lines = [header, ""]
-  lines.append("| " + " | ".join(name for name, _, _ in columns) + " |")
-  lines.append("|" + "---|" * len(columns))
-  for row in rows:
-    lines.append("| " + " | ".join(_cell(row[key], fmt) for _, key, fmt in columns) + " |")
-  return "\n".join(lines)
+  return markdown_table(rows, columns, header)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -288,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   args = parse_args(argv)
   experts = [int(e) for e in args.experts.split(",")]
   t, d, f, k = args.tokens, args.d_model, args.hidden, args.top_k
-  threads = args.threads or _cpu_count()
+  threads = args.threads or cpu_count()
   timing = dict(repeats=args.repeats, warmup=args.warmup)
 
   rng = np.random.default_rng(args.seed + 1)
@@ -304,8 +245,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   devices = jax.devices()
   header = (
     f"MoE layer forward+backward, float32, T={t} D={d} F={f} top-{k}, dense SwiGLU hidden "
-    f"{k * f}; {devices[0].platform} x{len(devices)} ({_cpu_name()}); {versions}; "
-    f"threads: XLA:CPU {_cpu_count()} cores, torch.set_num_threads({threads}); "
+    f"{k * f}; {devices[0].platform} x{len(devices)} ({cpu_name()}); {versions}; "
+    f"threads: XLA:CPU {cpu_count()} cores, torch.set_num_threads({threads}); "
     f"moejax dispatch={args.dispatch} gmm_backend={args.backend}, capacity_factor="
     f"{args.capacity_factor}; hf experts_implementation={args.hf_experts}; median of "
     f"{args.repeats} after compile + {args.warmup} warm-up, ms"

@@ -1,0 +1,78 @@
+"""Small helpers shared by the benchmarks in bench/: timing, thread counts, markdown tables.
+
+Speed goals live in benchmarks run by hand (bench/*.py print a table and write JSON), never in
+timed test assertions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def cpu_count() -> int:
+  """The cores this process may run on: the size of XLA:CPU's intra-op thread pool."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
+def cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def time_ms(fn: Callable[[], Any], *, repeats: int, warmup: int) -> float:
+  """Median wall time of `fn()` in milliseconds; `fn` must block until its results are ready.
+
+  The first call (compilation for a jitted step) and `warmup` more calls are not timed.
+  """
+  for _ in range(1 + warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append((time.perf_counter() - start) * 1e3)
+  return statistics.median(times)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+  """Runs PyTorch's intra-op pool with `threads` threads, then restores the previous setting."""
+  import torch
+
+  previous = torch.get_num_threads()
+  torch.set_num_threads(threads)
+  try:
+    yield
+  finally:
+    torch.set_num_threads(previous)
+
+
+def markdown_table(
+  rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]], header: str
+) -> str:
+  """`header`, a blank line, then a markdown table; columns are (title, row key, format spec)."""
+
+  def cell(v: Any, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+  lines = [header, ""]
+  lines.append("| " + " | ".join(title for title, _, _ in columns) + " |")
+  lines.append("|" + "---|" * len(columns))
+  for row in rows:
+    lines.append("| " + " | ".join(cell(row[key], fmt) for _, key, fmt in columns) + " |")
+  return "\n".join(lines)
