@@ -145,6 +145,8 @@ def base_config() -> ml_collections.ConfigDict:
       tfds_data_dir=config_dict.placeholder(str),
       # The text feature of the tfds examples.
       tfds_text_key="text",
+      # Let tfds download and prepare a missing dataset (False: fail fast when offline).
+      tfds_download=True,
       # byte | sentencepiece.
       tokenizer="byte",
       # A SentencePiece .model file (None: train one on the training split).
