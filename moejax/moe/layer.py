@@ -91,7 +91,8 @@ class MoE(nnx.Module):
     3. experts:  grouped matmul (dropless) or batched matmul over [E, C, D] (capacity)
     4. combine:  weighted sum of each token's expert outputs, plus the shared experts
 
-    `token_mask` [B, S] (optional, 1 = real token) keeps padding out of the losses and loads.
+    `token_mask` [B, S] (optional, 1 = real token) keeps padding out of dispatch (token-choice
+    routers: padding gets no expert output, uses no capacity), the losses and the loads.
     `aux` holds scalars `load_balance_loss`, `seq_balance_loss`, `router_z_loss`,
     `dropped_fraction`, `router_entropy`, `experts_per_token`, and per-expert vectors
     `expert_counts` [E] (assignments, the input of the aux-free bias update) and `expert_load` [E]
@@ -105,6 +106,11 @@ class MoE(nnx.Module):
 
     with jax.named_scope("route"):
       routing = self.router(xt)
+      if tmask is not None and routing.capacity is None:
+        # Padding is never dispatched: it takes no capacity slot and no expert compute. (Expert
+        # choice still lets experts pick padding; mask its inputs out upstream if that matters.)
+        real = routing.mask & (tmask[:, None] > 0)  # [T, K]
+        routing = routing._replace(mask=real, weights=jnp.where(real, routing.weights, 0.0))
     if c.dispatch == "dropless":
       y, stats = dispatch.dropless(xt, routing, self.experts.grouped)
     else:

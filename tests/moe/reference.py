@@ -29,12 +29,12 @@ def _capacity(cfg, t):
   return max(1, min(math.ceil(t * cfg.top_k / cfg.num_experts * cfg.capacity_factor), t))
 
 
-def select(cfg, params, x, seq_len=None):
+def select(cfg, params, x, real=None):
   """Discrete routing decisions: `chosen` [T, E] bool (the token's copy reaches expert e).
 
-  x [T, D] float64 numpy. Returns (chosen, requested) where `requested` is before capacity drops.
+  x [T, D] float64 numpy; `real` [T] bool marks real tokens (padding is never dispatched by
+  token-choice routers). Returns (chosen, requested) where `requested` is before capacity drops.
   """
-  del seq_len
   x = np.asarray(x, np.float64)
   logits = x @ np.asarray(params["router.kernel"], np.float64)
   if "router.bias" in params:
@@ -86,6 +86,8 @@ def select(cfg, params, x, seq_len=None):
     else:
       raise ValueError(cfg.router)
     picks.append(sorted(range(e), key=lambda j, s=score: -s[j])[:k])
+  if real is not None:
+    picks = [ps if real[i] else [] for i, ps in enumerate(picks)]
   requested = np.zeros((t, e), bool)
   for i, ps in enumerate(picks):
     requested[i, ps] = True

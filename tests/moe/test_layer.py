@@ -265,9 +265,35 @@ def test_dropped_fraction_counts_only_real_tokens():
   cfg = dataclasses.replace(BASE, dispatch="capacity", capacity_factor=0.5)
   model, x, _ = make(cfg, seed=4)
   params = flat_params(model)
-  chosen, requested = reference.select(cfg, params, np.asarray(x, np.float64).reshape(B * S, D))
   real = np.arange(B * S) % S < S - 3  # the last 3 positions of each sequence are padding
+  xt = np.asarray(x, np.float64).reshape(B * S, D)
+  chosen, requested = reference.select(cfg, params, xt, real)
   _, aux = model(x, token_mask=jnp.asarray(real.reshape(B, S)))
-  expected = 1.0 - chosen[real].sum() / requested[real].sum()
+  expected = 1.0 - chosen.sum() / requested.sum()
   np.testing.assert_allclose(float(aux["dropped_fraction"]), expected, atol=1e-6)
-  assert expected != 1.0 - chosen.sum() / requested.sum()  # the mask changes the answer here
+  unmasked, all_requested = reference.select(cfg, params, xt)
+  assert expected != 1.0 - unmasked.sum() / all_requested.sum()  # the mask changes the answer
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_padding_is_not_dispatched(dispatch):
+  cfg = dataclasses.replace(BASE, dispatch=dispatch, top_k=1, norm_topk_prob=False)
+  model, x, _ = make(cfg)
+  kernel = np.zeros((D, cfg.num_experts), np.float32)
+  kernel[:, 2] = 50.0  # every token wants expert 2
+  model.router.kernel[...] = jnp.asarray(kernel)
+  xs = jnp.abs(x) + 0.1
+  real = np.arange(S) >= 3  # padding first: in token order it would take expert 2's slots first
+  mask = jnp.asarray(np.broadcast_to(real, (B, S)))
+  y, aux = model(xs, token_mask=mask)
+  y = np.asarray(y)
+  assert np.abs(y[:, ~real]).max() == 0.0  # padding gets no expert output
+  served = int((np.abs(y[:, real]).max(-1) > 0).sum())
+  n_real = int(real.sum()) * B
+  c = cfg.capacity(B * S)
+  assert served == (n_real if dispatch == "dropless" else min(c, n_real))
+  assert float(aux["expert_counts"].sum()) == n_real
+  # Real tokens' outputs do not depend on whether padding is present (dropless is per token).
+  if dispatch == "dropless":
+    y_all, _ = model(xs)
+    np.testing.assert_allclose(y[:, real], np.asarray(y_all)[:, real], rtol=1e-6, atol=1e-7)
