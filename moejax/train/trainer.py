@@ -68,9 +68,8 @@ class Trainer:
 
     abstract = nnx.eval_shape(create)
     self.graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
-    eval_model = nnx.eval_shape(create)
-    eval_model.eval()
-    self.eval_graphdef = nnx.split(eval_model, nnx.Param, ...)[0]
+    abstract.eval()  # the eval graph differs only in its static `deterministic` flags
+    self.eval_graphdef = nnx.graphdef(abstract)
 
     self.param_shardings = sharding.state_shardings(abs_params, mesh)
     self.rest_shardings = sharding.state_shardings(abs_rest, mesh)
@@ -80,12 +79,19 @@ class Trainer:
       return params, rest, self.tx.init(params)
 
     abs_opt = jax.eval_shape(lambda: init()[2])
-    # Optimizer moments shard like their parameters; scalars (counts) are replicated.
-    self.opt_shardings = _opt_shardings(abs_opt, abs_params, self.param_shardings, mesh)
+    # Optimizer moments shard like their parameters (matched by tree position, not by shape);
+    # everything else in the optimizer state (step counts) is replicated.
+    self.opt_shardings = optax.tree_map_params(
+      self.tx,
+      lambda _, param_sharding: param_sharding,
+      abs_opt,
+      self.param_shardings,
+      transform_non_params=lambda _: sharding.replicated(mesh),
+      is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
     self._init = jax.jit(
       init, out_shardings=(self.param_shardings, self.rest_shardings, self.opt_shardings)
     )
-    self.batch_sharding = sharding.batch_sharding(mesh)
     self._train_step = jax.jit(self._step, donate_argnums=(0, 1, 2))
     self._eval_step = jax.jit(self._eval)
 
@@ -143,26 +149,12 @@ class Trainer:
     return self._train_step(params, rest, opt_state, self.put_batch(batch))
 
   def evaluate(self, params, rest, batches) -> float:
+    # Sums stay on device; one transfer at the end instead of a sync per batch.
     total, count = 0.0, 0.0
     for batch in batches:
       loss_sum, n = self._eval_step(params, rest, self.put_batch(batch))
-      total += float(loss_sum)
-      count += float(n)
-    return total / max(count, 1.0)
-
-
-def _opt_shardings(abs_opt, abs_params, param_shardings, mesh):
-  """Optimizer-state leaves shaped like a parameter take that parameter's sharding."""
-  by_shape: dict[tuple, Any] = {}
-  flat_params = jax.tree.leaves(abs_params)
-  flat_shard = jax.tree.leaves(
-    param_shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
-  )
-  for p, s in zip(flat_params, flat_shard, strict=True):
-    by_shape.setdefault((p.shape, p.dtype), s)
-  return jax.tree.map(
-    lambda x: by_shape.get((x.shape, x.dtype), sharding.replicated(mesh)), abs_opt
-  )
+      total, count = total + loss_sum, count + n
+    return float(total) / max(float(count), 1.0)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
