@@ -42,10 +42,7 @@ def get_config(arg=None):
     m.moe.num_shared_experts = 2
     m.moe.routed_scaling_factor = 2.5
     m.dense_hidden_dim = 2048
-    config.train.steps = 20_000
-    config.train.batch_size = 64
-    config.train.seq_len = 512
-    config.train.learning_rate = 1e-3
+    config.train.update(steps=20_000, batch_size=64, seq_len=512, learning_rate=1e-3)
   else:
     raise ValueError(f"deepseekmoe: unknown variant {variant!r}; known: tiny, small")
   config.lock()

@@ -28,25 +28,17 @@ def get_config(arg=None):
     m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = 128, 4, 4, 2
     m.moe.expert_hidden_dim = 256
     m.dense_hidden_dim = 512
-    config.train.steps = 500
-    config.train.batch_size = 16
-    config.train.seq_len = 128
+    config.train.update(steps=500, batch_size=16, seq_len=128)
   elif variant == "small":
     m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = 512, 8, 8, 4
     m.moe.expert_hidden_dim = 1024
     m.dense_hidden_dim = 2048
-    config.train.steps = 20_000
-    config.train.batch_size = 64
-    config.train.seq_len = 512
-    config.train.learning_rate = 1e-3
+    config.train.update(steps=20_000, batch_size=64, seq_len=512, learning_rate=1e-3)
   elif variant == "base":
     m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = 1024, 16, 16, 8
     m.moe.expert_hidden_dim = 2816
     m.dense_hidden_dim = 4096
-    config.train.steps = 100_000
-    config.train.batch_size = 256
-    config.train.seq_len = 1024
-    config.train.learning_rate = 6e-4
+    config.train.update(steps=100_000, batch_size=256, seq_len=1024, learning_rate=6e-4)
   else:
     raise ValueError(f"mixtral: unknown variant {variant!r}; known: tiny, small, base")
   config.lock()

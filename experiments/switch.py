@@ -39,10 +39,7 @@ def get_config(arg=None):
     m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = 512, 8, 8, 8
     m.moe.expert_hidden_dim = 2048
     m.dense_hidden_dim = 2048
-    config.train.steps = 20_000
-    config.train.batch_size = 64
-    config.train.seq_len = 512
-    config.train.learning_rate = 1e-3
+    config.train.update(steps=20_000, batch_size=64, seq_len=512, learning_rate=1e-3)
   else:
     raise ValueError(f"switch: unknown variant {variant!r}; known: tiny, small")
   config.lock()
