@@ -9,8 +9,10 @@ change; no model code moves.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import jax
 import numpy as np
@@ -31,6 +33,60 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
   "vocab": "tensor",
   "layers": None,
 }
+
+
+_RULES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("moejax_rules", default=None)
+
+
+def logical_rules(expert_axes: str | tuple[str, ...] | None = None) -> dict:
+  """LOGICAL_RULES with the MoE layers' expert axes replaced (MoE Parallel Folding).
+
+  `expert_axes` names the mesh axes that split the experts, e.g. "expert" (the default), or
+  "expert,tensor" to fold the attention's tensor-parallel devices into expert parallelism (Liu et al.
+  2025): attention then runs over data x tensor while the MoE layers run over data x expert x tensor,
+  and the experts' hidden dimension is no longer split (a mesh axis is used once per array).
+  """
+  rules = dict(LOGICAL_RULES)
+  if expert_axes is None:
+    return rules
+  axes = (
+    tuple(a.strip() for a in expert_axes.split(","))
+    if isinstance(expert_axes, str)
+    else expert_axes
+  )
+  axes = tuple(a for a in axes if a)
+  bad = [a for a in axes if a not in MESH_AXES]
+  if bad or not axes:
+    raise ValueError(
+      f"config.parallel.expert_axes={expert_axes!r} is invalid: a comma-separated list of mesh axes "
+      f"from {MESH_AXES}"
+    )
+  rules["expert"] = axes[0] if len(axes) == 1 else axes
+  return rules
+
+
+@contextlib.contextmanager
+def use_rules(rules: Mapping) -> Iterator[None]:
+  """Makes `rules` the logical rules that layers read while tracing (see `current_rules`)."""
+  token = _RULES.set(dict(rules))
+  try:
+    yield
+  finally:
+    _RULES.reset(token)
+
+
+def current_rules() -> dict:
+  """The rules set by `use_rules`, or LOGICAL_RULES."""
+  rules = _RULES.get()
+  return dict(LOGICAL_RULES) if rules is None else rules
+
+
+def mesh_axes_of(logical: str, rules: Mapping | None = None) -> tuple[str, ...]:
+  """The mesh axes a logical axis maps to, as a tuple (empty when replicated)."""
+  axes = (current_rules() if rules is None else rules).get(logical)
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> dict[str, int]:

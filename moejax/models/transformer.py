@@ -222,6 +222,9 @@ class Transformer(nnx.Module):
       expert_counts      [L_moe, E] assignments per expert (input of `update_aux_free_bias`)
       expert_load        [L_moe, E] the same as fractions of each layer's assignments
       dropped_fraction, router_entropy, experts_per_token   [L_moe]
+      device_load, native_device_load   [L_moe, devices] token copies each device computes (with
+                         and without LLEP; one device outside a mesh; see moe.parallel)
+      a2a_bytes          [L_moe] bytes a device sends through all_to_all in the forward pass
     A model without MoE layers gives zero scalars and arrays of shape [0, E] ([0, 0] for a dense
     model) / [0].
     """
@@ -257,8 +260,9 @@ class Transformer(nnx.Module):
       out |= {k: jnp.zeros((0, e), jnp.float32) for k in ("expert_counts", "expert_load")}
       out |= {
         k: jnp.zeros((0,), jnp.float32)
-        for k in ("dropped_fraction", "router_entropy", "experts_per_token")
+        for k in ("dropped_fraction", "router_entropy", "experts_per_token", "a2a_bytes")
       }
+      out |= {k: jnp.zeros((0, 1), jnp.float32) for k in ("device_load", "native_device_load")}
       return out
     stacked = {k: jnp.concatenate([a[k] for a in layer_aux], axis=0) for k in layer_aux[0]}
     aux_loss = sum(getattr(c, coef) * jnp.sum(stacked[k]) for k, coef in _LOSS_COEFS.items())

@@ -17,6 +17,7 @@ ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid", "expert_choice", "top_p")
 DISPATCHES = ("dropless", "capacity")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
 GMM_BACKENDS = ("auto", "xla", "cpu", "reference")
+EP_TRANSPORTS = ("auto", "padded", "ragged")
 # Routers that pick a fixed number of experts per token by score, so an aux-loss-free bias can
 # steer their selection.
 TOPK_ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid")
@@ -81,6 +82,13 @@ class MoEConfig:
   aux_free_bias_rate: float = 0.001
   # Grouped-matmul backend for dropless dispatch (see moejax.kernels.gmm).
   gmm_backend: str = "auto"
+  # Expert parallelism (moejax.moe.parallel), used when the layer runs under a mesh: the all_to_all
+  # transport (auto: ragged on TPU/GPU, padded on CPU) ...
+  ep_transport: str = "auto"
+  # ... and Least-Loaded EP: spill load above llep_alpha x the mean device load to the least-loaded
+  # devices (None: off), each hosting at most llep_slots foreign experts.
+  llep_alpha: float | None = None
+  llep_slots: int = 1
   # Activation (compute) dtype and parameter dtype. Router math is float32 regardless.
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -93,6 +101,7 @@ class MoEConfig:
       "expert_hidden_dim",
       "num_groups",
       "topk_groups",
+      "llep_slots",
     ):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -105,6 +114,12 @@ class MoEConfig:
       _fail("activation", self.activation, f"known activations are {', '.join(ACTIVATIONS)}")
     if self.gmm_backend not in GMM_BACKENDS:
       _fail("gmm_backend", self.gmm_backend, f"known backends are {', '.join(GMM_BACKENDS)}")
+    if self.ep_transport not in EP_TRANSPORTS:
+      _fail("ep_transport", self.ep_transport, f"known transports are {', '.join(EP_TRANSPORTS)}")
+    if self.llep_alpha is not None and not (
+      math.isfinite(self.llep_alpha) and self.llep_alpha >= 1.0
+    ):
+      _fail("llep_alpha", self.llep_alpha, "must be None (off) or a finite number >= 1")
     if self.top_k > self.num_experts:
       _fail("top_k", self.top_k, f"must be <= num_experts={self.num_experts}")
     if not (self.capacity_factor > 0 and math.isfinite(self.capacity_factor)):

@@ -36,6 +36,15 @@ def _with_zero_row(a: jax.Array) -> jax.Array:
   return jnp.concatenate([a, jnp.zeros((1, *a.shape[1:]), a.dtype)], axis=0)
 
 
+def rank_in_group(keys: jax.Array, num_groups: int) -> jax.Array:
+  """Rank of each element among the elements with the same key, in order: keys [N] in [0, G)."""
+  order = jnp.argsort(keys, stable=True)
+  sizes = jnp.bincount(keys, length=num_groups)
+  starts = jnp.cumsum(sizes) - sizes
+  ranked = jnp.arange(keys.shape[0]) - starts[keys[order]]
+  return jnp.zeros(keys.shape, jnp.int32).at[order].set(ranked.astype(jnp.int32))
+
+
 def _combine(gathered: jax.Array, weights: jax.Array, dtype) -> jax.Array:
   """Weighted sum of each token's K expert outputs [T, K, D] -> [T, D], accumulated in float32."""
   y = jnp.einsum("tkd,tk->td", gathered.astype(jnp.float32), weights.astype(jnp.float32))
@@ -109,11 +118,7 @@ def capacity_dispatch(
   e, c = routing.num_experts, capacity
   # Priority order is k-major: all first choices, in token order, then all second choices, ...
   ids = jnp.where(routing.mask, routing.expert_ids, e).T.reshape(-1)  # [K*T]
-  order = jnp.argsort(ids, stable=True)  # [K*T], keeps priority order within each expert
-  group_sizes = jnp.bincount(ids, length=e + 1)  # [E+1] (last: unused slots)
-  starts = jnp.cumsum(group_sizes) - group_sizes  # [E+1]
-  position_sorted = jnp.arange(k * t) - starts[ids[order]]  # [K*T] rank within its expert
-  position = jnp.zeros((k * t,), jnp.int32).at[order].set(position_sorted.astype(jnp.int32))
+  position = rank_in_group(ids, e + 1)  # [K*T] rank within its expert, in priority order
   keep = (ids < e) & (position < c)  # [K*T]
   slot = jnp.where(keep, ids * c + position, e * c)  # [K*T]
   token = jnp.tile(jnp.arange(t, dtype=jnp.int32), k)  # [K*T]

@@ -106,19 +106,20 @@ class Experts(nnx.Module):
     self.w_up = _param(expert_init, rngs.params(), (e, d, f), c.param_dtype, up_axes)
     self.w_down = _param(expert_init, rngs.params(), (e, f, d), c.param_dtype, down_axes)
 
-  def _weights(self):
+  def weights(self):
+    """(w_gate or None, w_up, w_down) in the compute dtype."""
     cast = lambda w: None if w is None else w[...].astype(self.dtype)
     return cast(self.w_gate), cast(self.w_up), cast(self.w_down)
 
   def grouped(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """Tokens sorted by expert x [M, D] -> [M, D] (dropless dispatch)."""
     return grouped_ffn(
-      x, group_sizes, *self._weights(), activation=self.activation, backend=self.backend
+      x, group_sizes, *self.weights(), activation=self.activation, backend=self.backend
     )
 
   def batched(self, x: jax.Array) -> jax.Array:
     """Capacity buffer x [E, C, D] -> [E, C, D] (capacity dispatch)."""
-    return batched_ffn(x, *self._weights(), activation=self.activation)
+    return batched_ffn(x, *self.weights(), activation=self.activation)
 
 
 class SharedExperts(nnx.Module):

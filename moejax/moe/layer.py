@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.moe import dispatch, losses
+from moejax.moe import dispatch, losses, parallel
 from moejax.moe.config import MoEConfig
 from moejax.moe.experts import Experts, SharedExperts, dense_init
 from moejax.moe.router import Routing, route
@@ -111,11 +111,27 @@ class MoE(nnx.Module):
         # choice still lets experts pick padding; mask its inputs out upstream if that matters.)
         real = routing.mask & (tmask[:, None] > 0)  # [T, K]
         routing = routing._replace(mask=real, weights=jnp.where(real, routing.weights, 0.0))
-    if c.dispatch == "dropless":
+    cap = routing.capacity
+    if c.dispatch == "capacity" and cap is None:
+      cap = c.capacity(b * s)
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.size > 1:
+      # Under a mesh (`jax.set_mesh`): expert parallelism, tokens and experts split over devices.
+      y, stats = parallel.expert_parallel(
+        xt, routing, self.experts.weights(), c, mesh, capacity=cap, token_mask=tmask
+      )
+    elif c.dispatch == "dropless":
       y, stats = dispatch.dropless(xt, routing, self.experts.grouped)
     else:
-      cap = routing.capacity if routing.capacity is not None else c.capacity(b * s)
       y, stats = dispatch.capacity(xt, routing, self.experts.batched, cap, tmask)
+    if "device_load" not in stats:  # one device computes every copy and moves nothing
+      used = routing.mask if tmask is None else routing.mask & (tmask[:, None] > 0)
+      computed = jnp.round(jnp.sum(used) * (1.0 - stats["dropped_fraction"]))
+      stats |= {
+        "device_load": computed.astype(jnp.float32)[None],
+        "native_device_load": computed.astype(jnp.float32)[None],
+        "a2a_bytes": jnp.zeros((), jnp.float32),
+      }
     if self.shared_experts is not None:
       with jax.named_scope("shared_experts"):
         y = y + self.shared_experts(xt)
