@@ -83,6 +83,12 @@ def moe_config(**overrides) -> ml_collections.ConfigDict:
       aux_free_bias_rate=0.001,
       # Grouped-matmul backend: auto | xla | cpu | reference.
       gmm_backend="auto",
+      # Expert-parallel all_to_all: auto (ragged on TPU/GPU, padded on CPU) | padded | ragged.
+      ep_transport="auto",
+      # Least-Loaded EP: spill load above alpha x the mean device load (None: off) ...
+      llep_alpha=config_dict.placeholder(float),
+      # ... to devices hosting at most this many foreign experts.
+      llep_slots=1,
     )
   )
   moe.update(overrides)
@@ -205,4 +211,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   # The device mesh (expert parallelism builds on it); -1 takes the remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1))
+  config.parallel = ml_collections.ConfigDict(
+    dict(
+      # Mesh axes that split the experts of MoE layers. "expert,tensor" folds the tensor-parallel
+      # devices of attention into expert parallelism (MoE Parallel Folding, Liu et al. 2025).
+      expert_axes="expert",
+    )
+  )
   return config

@@ -7,6 +7,10 @@ each kind. Values are floats, or nested lists of floats for arrays (`expert_load
 `load_imbalance` is [L_moe]). A diverged run writes `NaN`/`Infinity`, which Python's `json` reads back
 but strict JSON parsers reject.
 
+Several processes (`jax.distributed`): only process 0 writes the file, TensorBoard and the bar; on
+the others the writer checks and converts what it is given, then drops it. Every process must still
+fetch the metrics (they are global arrays) and call the writer the same way.
+
 Resuming: a run killed after its last checkpoint at step S has already written lines for steps > S,
 and the resumed run writes them again. Opening the writer with `start_step=S` drops those lines first,
 so the file holds one line per step and kind; a fresh run (`start_step=0`) starts an empty file.
@@ -145,6 +149,7 @@ class MetricsWriter:
     start_step: int = 0,
     progress_bar: bool = True,
     tensorboard: bool = True,
+    primary: bool | None = None,
   ):
     """Opens the run's metrics, dropping lines a resumed run will write again.
 
@@ -156,14 +161,23 @@ class MetricsWriter:
       progress_bar: show a tqdm bar on stderr.
       tensorboard: also write scalars to `workdir/tensorboard` (imports tensorboardX, which imports
         torch when it is installed: about 2 s).
+      primary: whether this process writes anything. None: only process 0 (`jax.process_index()`);
+        the others touch no file and show no bar.
     """
+    if primary is None:
+      import jax  # Deferred: reading metrics (plots, notebooks) needs no jax.
+
+      primary = jax.process_index() == 0
+    self.primary = primary
     self.workdir = Path(workdir)
-    self.workdir.mkdir(parents=True, exist_ok=True)
     self.path = self.workdir / METRICS_FILE
-    _truncate_after(self.path, start_step)
-    self._file = self.path.open("a")
+    self._file = None
     self._tb = None
-    if tensorboard:
+    if primary:
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      _truncate_after(self.path, start_step)
+      self._file = self.path.open("a")
+    if tensorboard and primary:
       from tensorboardX import SummaryWriter  # Deferred: the import pulls in torch when installed.
 
       # purge_step hides events at steps >= purge_step from earlier event files, as the jsonl does.
@@ -173,7 +187,7 @@ class MetricsWriter:
     self._bar = tqdm.tqdm(
       total=total_steps,
       initial=start_step,
-      disable=not progress_bar,
+      disable=not (progress_bar and primary),
       file=sys.stderr,
       unit="step",
       dynamic_ncols=True,
@@ -185,6 +199,8 @@ class MetricsWriter:
       raise ValueError("metrics must not contain 'step': it is the `step` argument.")
     record = {"step": int(step)}
     record.update((name, to_json_value(name, value)) for name, value in metrics.items())
+    if self._file is None:
+      return
     self._file.write(json.dumps(record) + "\n")
     self._file.flush()
     if self._tb is not None:
@@ -204,13 +220,14 @@ class MetricsWriter:
     self._bar.update(step - self._bar.n)
 
   def flush(self) -> None:
-    self._file.flush()
+    if self._file is not None:
+      self._file.flush()
     if self._tb is not None:
       self._tb.flush()
 
   def close(self) -> None:
     """Flushes and closes the file, TensorBoard writer and bar; safe to call twice."""
-    if not self._file.closed:
+    if self._file is not None and not self._file.closed:
       self._file.close()
     if self._tb is not None:
       self._tb.close()

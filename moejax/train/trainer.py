@@ -12,6 +12,7 @@ iterator position and RNG included, and reproduces an uninterrupted run step for
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,12 @@ from moejax.train.run_info import write_run_info
 _AUX_SCALARS = ("aux_loss", "load_balance_loss", "seq_balance_loss", "router_z_loss")
 
 
+def rules_from_config(config: ml_collections.ConfigDict) -> dict:
+  """The logical axis rules of a run: LOGICAL_RULES with `config.parallel.expert_axes`."""
+  parallel = config.get("parallel") or {}
+  return sharding.logical_rules(parallel.get("expert_axes"))
+
+
 def build_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
   """ModelConfig from `config.model`, the vocabulary taken from the tokenizer when unset."""
   model = config.model.copy_and_resolve_references()
@@ -58,6 +65,7 @@ class Trainer:
   def __init__(self, config: ml_collections.ConfigDict, model_config: ModelConfig, mesh):
     self.config = config
     self.mesh = mesh
+    self.rules = rules_from_config(config)
     self.tx, self.schedule = make_optimizer(config.train)
     seed = int(config.train.seed)
 
@@ -71,8 +79,8 @@ class Trainer:
     abstract.eval()  # the eval graph differs only in its static `deterministic` flags
     self.eval_graphdef = nnx.graphdef(abstract)
 
-    self.param_shardings = sharding.state_shardings(abs_params, mesh)
-    self.rest_shardings = sharding.state_shardings(abs_rest, mesh)
+    self.param_shardings = sharding.state_shardings(abs_params, mesh, self.rules)
+    self.rest_shardings = sharding.state_shardings(abs_rest, mesh, self.rules)
 
     def init():
       _, params, rest = nnx.split(create(), nnx.Param, ...)
@@ -92,11 +100,25 @@ class Trainer:
     self._init = jax.jit(
       init, out_shardings=(self.param_shardings, self.rest_shardings, self.opt_shardings)
     )
-    self._train_step = jax.jit(self._step, donate_argnums=(0, 1, 2))
-    self._eval_step = jax.jit(self._eval)
+    # Metrics come back replicated: on a multi-host mesh a host can only read what it holds.
+    rep = sharding.replicated(mesh)
+    self._train_step = jax.jit(
+      self._step,
+      donate_argnums=(0, 1, 2),
+      out_shardings=(self.param_shardings, self.rest_shardings, self.opt_shardings, rep),
+    )
+    self._eval_step = jax.jit(self._eval, out_shardings=rep)
+
+  def context(self) -> contextlib.ExitStack:
+    """The mesh and logical rules that the model reads while it is traced (expert parallelism)."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(jax.set_mesh(self.mesh))
+    stack.enter_context(sharding.use_rules(self.rules))
+    return stack
 
   def init(self):
-    return self._init()
+    with self.context():
+      return self._init()
 
   def _step(self, params, rest, opt_state, batch):
     graphdef = self.graphdef
@@ -118,6 +140,7 @@ class Trainer:
     model.update_aux_free_bias(aux["expert_counts"])
     rest = nnx.state(model, nnx.Not(nnx.Param))
     counts = aux["expert_counts"]  # [L_moe, E]
+    load = aux.get("device_load", jnp.zeros((0, 1)))  # [L_moe, devices]
     metrics = {
       "loss": loss,
       "grad_norm": optax.tree.norm(grads),
@@ -125,6 +148,11 @@ class Trainer:
       "dropped_fraction": jnp.mean(aux["dropped_fraction"]) if counts.shape[0] else 0.0,
       "expert_load": aux["expert_load"],
       "load_imbalance": jnp.max(counts, axis=-1) / jnp.maximum(jnp.mean(counts, axis=-1), 1e-9),
+      # Expert parallelism: token copies each device computes, max/mean of that, and the bytes a
+      # device sends through all_to_all in the forward and backward passes of all MoE layers.
+      "device_load": load,
+      "device_imbalance": jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9),
+      "a2a_bytes": 2.0 * jnp.sum(aux.get("a2a_bytes", jnp.zeros((0,)))),
       **{k: aux[k] for k in _AUX_SCALARS if k in aux},
     }
     return params, rest, opt_state, metrics
@@ -146,13 +174,15 @@ class Trainer:
     return out
 
   def train_step(self, params, rest, opt_state, batch):
-    return self._train_step(params, rest, opt_state, self.put_batch(batch))
+    with self.context():
+      return self._train_step(params, rest, opt_state, self.put_batch(batch))
 
   def evaluate(self, params, rest, batches) -> float:
     # Sums stay on device; one transfer at the end instead of a sync per batch.
     total, count = 0.0, 0.0
     for batch in batches:
-      loss_sum, n = self._eval_step(params, rest, self.put_batch(batch))
+      with self.context():
+        loss_sum, n = self._eval_step(params, rest, self.put_batch(batch))
       total, count = total + loss_sum, count + n
     return float(total) / max(float(count), 1.0)
 
