@@ -39,6 +39,7 @@ are exact: the same rows meet the same weights, only on another device. The weig
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -394,9 +395,7 @@ def _a2a(x, ep):
 
 
 def _ragged(operand, output, in_off, send, out_off, recv, ep, bound):
-  if not ep or ragged_all_to_all is emulated_ragged_all_to_all:
-    if not ep:
-      return output.at[out_off[0] + jnp.arange(operand.shape[0])].set(operand, mode="drop")
+  if ragged_all_to_all is emulated_ragged_all_to_all:
     return emulated_ragged_all_to_all(
       operand, output, in_off, send, out_off, recv, axis_name=ep, max_rows=bound
     )
@@ -413,10 +412,15 @@ def _fetch(w, hosted, me, el, ep):
   return got.sum(0)  # only the true owner sent non-zeros
 
 
+def llep_slots(config: MoEConfig, lay: EPLayout) -> int:
+  """Spill slots per device: 0 when LLEP is off or there is no other device to spill to."""
+  return config.llep_slots if config.llep_alpha is not None and lay.ep_size > 1 else 0
+
+
 def pair_bound(config: MoEConfig, t_local: int, k: int, lay: EPLayout, capacity) -> int:
   """P: the most rows one device can send to one other (see the module docstring)."""
   el = config.num_experts // lay.ep_size
-  slots = config.llep_slots if config.llep_alpha is not None else 0
+  slots = llep_slots(config, lay)
   bound = t_local * min(k, el + slots)
   if capacity is not None:
     bound = min(bound, (el + slots) * capacity)
@@ -447,40 +451,22 @@ def expert_parallel(
   c = config
   t, d = x.shape
   lay = layout(mesh, c, t, rules)
-  transport = choose_transport(c.ep_transport, _platform(mesh))
+  # Without expert axes nothing travels: the padded path's all_to_alls are then identities.
+  transport = choose_transport(c.ep_transport, _platform(mesh)) if lay.expert_axes else "padded"
   t_local = t // lay.token_shards
   k = routing.expert_ids.shape[1]
   bound = pair_bound(c, t_local, k, lay, capacity)
-  slots = c.llep_slots if c.llep_alpha is not None else 0
+  slots = llep_slots(c, lay)
   tok = P(lay.token_axes)
   w_spec = lambda w: None if w is None else P(lay.expert_axes, None, lay.tensor_axes)
   w_down_spec = P(lay.expert_axes, lay.tensor_axes, None)
   w_gate, w_up, w_down = weights
 
-  def body(x, ids, wts, mask, w_gate, w_up, w_down):
-    return _body(
-      x,
-      ids,
-      wts,
-      mask,
-      w_gate,
-      w_up,
-      w_down,
-      config=c,
-      lay=lay,
-      capacity=capacity,
-      bound=bound,
-      transport=transport,
-      slots=slots,
-    )
-
-  specs = (tok, tok, tok, tok, w_spec(w_gate), w_spec(w_up), w_down_spec)
-  fn = jax.shard_map(
-    body,
-    mesh=mesh,
-    in_specs=specs,
-    out_specs=(tok,) * 5,
+  body = functools.partial(
+    _body, config=c, lay=lay, capacity=capacity, bound=bound, transport=transport, slots=slots
   )
+  specs = (tok, tok, tok, tok, w_spec(w_gate), w_spec(w_up), w_down_spec)
+  fn = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=(tok,) * 5)
   args = (x, routing.expert_ids, routing.weights, routing.mask, w_gate, w_up, w_down)
   y, kept, load, native, moved = fn(*args)
   used = routing.mask if token_mask is None else routing.mask & (token_mask[:, None] > 0)
