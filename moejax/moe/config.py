@@ -51,8 +51,9 @@ class MoEConfig:
   norm_topk_prob: bool = True
   # Multiplies the combine weights after (optional) renormalisation (DeepSeek-V3: 2.5).
   routed_scaling_factor: float = 1.0
-  # Group-limited routing (DeepSeek-V3, `sigmoid` router): experts split into `num_groups` groups,
-  # tokens choose among the best `topk_groups` groups only. 1 = no grouping.
+  # Group-limited routing: experts split into `num_groups` groups, tokens choose among the best
+  # `topk_groups` groups only; a group scores the sum of its top-2 scores with the `sigmoid` router
+  # (DeepSeek-V3), its top probability with `softmax_topk` (DeepSeek-V2). 1 = no grouping.
   num_groups: int = 1
   topk_groups: int = 1
   # `top_p` router: experts are added in descending probability until their sum reaches top_p.
@@ -129,8 +130,12 @@ class MoEConfig:
     if self.num_experts % self.num_groups:
       _fail("num_groups", self.num_groups, f"must divide num_experts={self.num_experts}")
     if self.num_groups > 1:
-      if self.router != "sigmoid":
-        _fail("num_groups", self.num_groups, "group-limited routing needs router='sigmoid'")
+      if self.router not in ("sigmoid", "softmax_topk"):
+        _fail(
+          "num_groups",
+          self.num_groups,
+          "group-limited routing needs router='sigmoid' (DeepSeek-V3) or 'softmax_topk' (DeepSeek-V2)",
+        )
       if self.topk_groups > self.num_groups:
         _fail("topk_groups", self.topk_groups, f"must be <= num_groups={self.num_groups}")
       group_size = self.num_experts // self.num_groups

@@ -13,7 +13,7 @@ All math is float32 whatever the activation dtype. Implemented routers:
 
 - `softmax_topk`: softmax over E, then top-k; `norm_topk_prob` renormalises the k weights
   (GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021; Mixtral, Jiang et al. 2024; Qwen2-MoE and
-  OLMoE do not renormalise).
+  OLMoE do not renormalise). With groups: DeepSeek-V2's group-limited greedy selection.
 - `topk_softmax`: top-k of the logits, softmax over those k (mistral-inference, gpt-oss).
 - `sigmoid_topk`: DeepSeek-V3 (DeepSeek-AI 2024, Sec. 2.1.2, eqs. 12-16): sigmoid scores; the
   auxiliary-loss-free bias and group-limited selection change only *which* experts are chosen; the
@@ -79,11 +79,21 @@ def softmax_topk(
   norm_topk_prob: bool = True,
   routed_scaling_factor: float = 1.0,
   bias: jax.Array | None = None,
+  num_groups: int = 1,
+  topk_groups: int = 1,
 ) -> Routing:
-  """Softmax over all E experts, then the top-k probabilities are the combine weights."""
+  """Softmax over all E experts, then the top-k probabilities are the combine weights.
+
+  With `num_groups` > 1, DeepSeek-V2's `group_limited_greedy`: a token chooses only among the experts
+  of its `topk_groups` groups with the highest maximum probability.
+  """
   logits = logits.astype(jnp.float32)
   probs = jax.nn.softmax(logits, axis=-1)  # [T, E]
-  ids = _select(probs, top_k, bias)  # [T, K]
+  choice = probs if bias is None else probs + bias.astype(jnp.float32)
+  if num_groups > 1:
+    keep = group_limited_mask(choice, num_groups, topk_groups, group_score="max")
+    choice = jnp.where(keep, choice, -jnp.inf)
+  ids = _select(choice, top_k, None)  # [T, K]
   weights = jnp.take_along_axis(probs, ids, axis=-1)  # [T, K]
   weights = _finish(weights, norm_topk_prob, routed_scaling_factor)
   return Routing(ids, weights, jnp.ones(ids.shape, bool), probs, logits)
@@ -109,15 +119,21 @@ def topk_softmax(
   return Routing(ids, weights, jnp.ones(ids.shape, bool), probs, logits)
 
 
-def group_limited_mask(scores: jax.Array, num_groups: int, topk_groups: int) -> jax.Array:
-  """Which experts [T, E] lie in each token's `topk_groups` best groups (DeepSeek-V3).
+def group_limited_mask(
+  scores: jax.Array, num_groups: int, topk_groups: int, *, group_score: str = "top2_sum"
+) -> jax.Array:
+  """Which experts [T, E] lie in each token's `topk_groups` best groups.
 
-  A group's score is the sum of its two highest expert scores (its top-1 if a group has one expert).
+  A group's score is the sum of its two highest expert scores (DeepSeek-V3, `top2_sum`; its top-1 if
+  a group has one expert) or its highest score (DeepSeek-V2's `group_limited_greedy`, `max`).
   """
   t, e = scores.shape
   grouped = scores.reshape(t, num_groups, e // num_groups)  # [T, G, E/G]
-  top2, _ = jax.lax.top_k(grouped, min(2, e // num_groups))  # [T, G, 2]
-  group_scores = jnp.sum(top2, axis=-1)  # [T, G]
+  if group_score == "max":
+    group_scores = jnp.max(grouped, axis=-1)  # [T, G]
+  else:
+    top2, _ = jax.lax.top_k(grouped, min(2, e // num_groups))  # [T, G, 2]
+    group_scores = jnp.sum(top2, axis=-1)  # [T, G]
   _, keep = jax.lax.top_k(group_scores, topk_groups)  # [T, topk_groups]
   group_mask = jnp.zeros((t, num_groups), bool).at[jnp.arange(t)[:, None], keep].set(True)
   return jnp.repeat(group_mask, e // num_groups, axis=-1)  # [T, E]
@@ -197,6 +213,8 @@ def route(logits: jax.Array, config, *, bias: jax.Array | None = None) -> Routin
       norm_topk_prob=c.norm_topk_prob,
       routed_scaling_factor=c.routed_scaling_factor,
       bias=bias,
+      num_groups=c.num_groups,
+      topk_groups=c.topk_groups,
     )
   if c.router == "topk_softmax":
     return topk_softmax(

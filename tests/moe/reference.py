@@ -55,24 +55,7 @@ def select(cfg, params, x, real=None):
     # Expert choice fixes its own capacity: nothing is ever dropped.
     return requested.copy(), requested
   for i in range(t):
-    if cfg.router == "softmax_topk":
-      score = _np_softmax(logits[i]) + bias
-    elif cfg.router == "topk_softmax":
-      score = logits[i] + bias
-    elif cfg.router == "sigmoid":
-      score = 1.0 / (1.0 + np.exp(-logits[i])) + bias
-      if cfg.num_groups > 1:
-        size = e // cfg.num_groups
-        group_score = [
-          sum(sorted(score[g * size : (g + 1) * size], reverse=True)[:2])
-          for g in range(cfg.num_groups)
-        ]
-        best = sorted(range(cfg.num_groups), key=lambda g, gs=group_score: -gs[g])
-        allowed = set()
-        for g in best[: cfg.topk_groups]:
-          allowed.update(range(g * size, (g + 1) * size))
-        score = np.array([score[j] if j in allowed else -np.inf for j in range(e)])
-    elif cfg.router == "top_p":
+    if cfg.router == "top_p":
       p = _np_softmax(logits[i])
       order = sorted(range(e), key=lambda j, p=p: -p[j])
       chosen, mass = [], 0.0
@@ -83,8 +66,27 @@ def select(cfg, params, x, real=None):
         mass += p[j]
       picks.append(chosen)
       continue
+    if cfg.router == "softmax_topk":
+      score = _np_softmax(logits[i]) + bias
+    elif cfg.router == "topk_softmax":
+      score = logits[i] + bias
+    elif cfg.router == "sigmoid":
+      score = 1.0 / (1.0 + np.exp(-logits[i])) + bias
     else:
       raise ValueError(cfg.router)
+    if cfg.num_groups > 1:
+      # DeepSeek-V3 (sigmoid): a group scores its top-2 sum; DeepSeek-V2 (softmax): its maximum.
+      top = 2 if cfg.router == "sigmoid" else 1
+      size = e // cfg.num_groups
+      group_score = [
+        sum(sorted(score[g * size : (g + 1) * size], reverse=True)[:top])
+        for g in range(cfg.num_groups)
+      ]
+      best = sorted(range(cfg.num_groups), key=lambda g, gs=group_score: -gs[g])
+      allowed = set()
+      for g in best[: cfg.topk_groups]:
+        allowed.update(range(g * size, (g + 1) * size))
+      score = np.array([score[j] if j in allowed else -np.inf for j in range(e)])
     picks.append(sorted(range(e), key=lambda j, s=score: -s[j])[:k])
   if real is not None:
     picks = [ps if real[i] else [] for i, ps in enumerate(picks)]

@@ -34,7 +34,7 @@ BASE = dict(d_model=16, num_experts=8, top_k=2, expert_hidden_dim=32)
       dict(router="sigmoid", top_k=4, num_groups=4, topk_groups=1),
       r"MoEConfig\.topk_groups=1 .*fewer than top_k=4",
     ),
-    (dict(num_groups=2), r"MoEConfig\.num_groups=2 .*router='sigmoid'"),
+    (dict(router="top_p", num_groups=2), r"MoEConfig\.num_groups=2 .*router='sigmoid'"),
     (dict(shared_expert_gate=True), r"MoEConfig\.shared_expert_gate=True .*num_shared_experts"),
     (dict(jitter_noise=1.0), r"MoEConfig\.jitter_noise=1\.0"),
     (dict(router="top_p", aux_free_bias=True), r"MoEConfig\.aux_free_bias=True"),

@@ -116,6 +116,22 @@ def test_deepseek_v3_dropped_groups_are_minus_inf_not_zero():
   assert_routing(r, [[0, 2]], [[1.5, 1.0]])
 
 
+def test_deepseek_v2_group_limited_greedy_scores_groups_by_their_max():
+  # Softmax probabilities in 4 groups of 2. By max: g2 (0.3), g0 (0.2) are kept; by top-2 sum
+  # (V3's rule) g1 (0.15 + 0.15 = 0.3) would beat g0 (0.2 + 0.0). Top-2 inside g2 and g0: 6, 0.
+  probs = np.array([[0.2, 0.0, 0.15, 0.15, 0.05, 0.05, 0.3, 0.1]]) + 1e-9
+  probs = probs / probs.sum()
+  r = softmax_topk(
+    jnp.asarray(np.log(probs)),
+    top_k=2,
+    norm_topk_prob=False,
+    num_groups=4,
+    topk_groups=2,
+    routed_scaling_factor=16.0,
+  )
+  assert_routing(r, [[6, 0]], [[16.0 * probs[0, 6], 16.0 * probs[0, 0]]])
+
+
 def test_expert_choice_each_expert_takes_its_top_c_tokens():
   probs = np.array(
     [
