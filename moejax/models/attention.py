@@ -1,4 +1,4 @@
-"""Causal self-attention with grouped-query heads and rotary position embeddings.
+"""Causal self-attention with grouped-query heads and rotary position embeddings, and a KV cache.
 
     attn = Attention(d_model=512, num_heads=8, num_kv_heads=2, rngs=nnx.Rngs(0))
     y = attn(x)              # x, y [B, S, D]; causal, RoPE on positions 0..S-1
@@ -8,10 +8,16 @@
   share one key/value head: query head i reads kv head i // G, as `repeat_kv` does in Hugging Face's
   Llama/Mixtral. num_kv_heads == num_heads is MHA, num_kv_heads == 1 is multi-query attention.
 - Rotary embeddings (RoPE; Su et al. 2021, eq. 34) rotate each query/key by an angle proportional to
-  its position, so q . k depends only on the relative offset. We use the "rotate-half" layout of
-  GPT-NeoX / Llama / Mixtral in HF transformers: dimension j pairs with j + head_dim / 2 (not with
-  j + 1 as in the paper), with inverse frequencies theta^(-2j / head_dim), j < head_dim / 2. Checkpoint
-  import needs no permutation of the q/k weights.
+  its position, so q . k depends only on the relative offset. The default is the "rotate-half"
+  layout of GPT-NeoX / Llama / Mixtral in HF transformers: dimension j pairs with j + head_dim / 2
+  (not with j + 1 as in the paper), with inverse frequencies theta^(-2j / head_dim), j < head_dim / 2.
+  Checkpoint import needs no permutation of the q/k weights. `rope_interleave` pairs 2j with 2j + 1
+  instead, and `rope_scaling` selects YaRN frequencies (see rope.py).
+- QK normalisation: `qk_norm="head"` applies an RMSNorm over head_dim to every query and key head,
+  one scale [A] shared by all heads (Qwen3 / Qwen3-MoE `q_norm`, `k_norm`); `qk_norm="proj"` one over
+  each whole projection, scales [H, A] and [H_kv, A] (OLMoE / OLMo-2: HF normalises the flat [H*A]
+  and [H_kv*A] vectors before splitting heads). Both come after the q/k biases and before RoPE.
+- `clip_qkv=c` clamps q, k and v to [-c, c] after the QK norm and before RoPE (OLMoE, as HF does).
 
 Scores, softmax and RoPE are computed in float32 whatever the activation dtype.
 
@@ -19,9 +25,17 @@ Parameters (names are a contract that checkpoints and tools rely on; A = head_di
 
     q_proj.kernel [D, H, A]      k_proj.kernel, v_proj.kernel [D, H_kv, A]     o_proj.kernel [H, A, D]
     q_proj.bias [H, A], k_proj.bias, v_proj.bias [H_kv, A]   (qkv_bias only; Qwen2 has them)
+    q_norm.scale, k_norm.scale [A] (qk_norm="head") or [H, A], [H_kv, A] (qk_norm="proj")
 
-A Hugging Face `q_proj.weight` [H*A, D] maps to `q_proj.kernel` as `weight.T.reshape(D, H, A)`, and
-`o_proj.weight` [D, H*A] as `weight.T.reshape(H, A, D)`.
+A Hugging Face `q_proj.weight` [H*A, D] maps to `q_proj.kernel` as `weight.T.reshape(D, H, A)`,
+`o_proj.weight` [D, H*A] as `weight.T.reshape(H, A, D)`, OLMoE's `q_norm.weight` [H*A] as
+`weight.reshape(H, A)`.
+
+KV cache (used by `Transformer` for decoding; `init_cache` makes an empty one). A call with
+`cache={"k": [B, T, H_kv, A], "v": ...}` writes this call's keys (after RoPE) and values at slots
+cache_index .. cache_index + S - 1 of the T = max_len slots and attends over all T slots under
+`cache_mask` [B, S, T] (see `cache_attention_mask`); it returns (y, the updated cache). The slots
+must fit: cache_index + S <= T (`jax.lax.dynamic_update_slice` would clamp, not fail, under jit).
 
 Einsum letters: b batch, s query position, t key position, d model width, h heads (kv heads for k, v),
 g query heads per kv head, a head_dim.
@@ -29,37 +43,28 @@ g query heads per kv head, a head_dim.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.models.norm import RMSNorm
+from moejax.models.rope import apply_rope, normalize_rope_scaling, rope_angles
 
-def rope_angles(
-  positions: jax.Array, head_dim: int, theta: float = 10000.0
-) -> tuple[jax.Array, jax.Array]:
-  """cos, sin [..., head_dim] (float32) of the rotary angles for integer `positions` [...].
+__all__ = [
+  "Attention",
+  "Projection",
+  "apply_rope",
+  "attention_mask",
+  "cache_attention_mask",
+  "dot_product_attention",
+  "rope_angles",
+  "update_cache",
+]
 
-  Angle of dimension j (and of its partner j + head_dim / 2) at position p: p * theta^(-2j / head_dim).
-  """
-  half = head_dim // 2
-  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / head_dim))  # [A/2]
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [..., A/2]
-  angles = jnp.concatenate([angles, angles], axis=-1)  # [..., A]
-  return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """Rotate x [B, S, H, A] by the angles cos, sin [B, S, A] (rotate-half layout); keeps x's dtype.
-
-  x * cos + rotate_half(x) * sin,   rotate_half([x1, x2]) = [-x2, x1]
-  """
-  xf = x.astype(jnp.float32)
-  x1, x2 = jnp.split(xf, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)  # [B, S, H, A]
-  out = xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]
-  return out.astype(x.dtype)
+# Logical axes of q/k/v kernels; "kv" names the head_dim axis (sharding.py).
+QKV_AXES = ("embed", "heads", "kv")
 
 
 def attention_mask(seq_len: int, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -75,24 +80,48 @@ def attention_mask(seq_len: int, segment_ids: jax.Array | None = None) -> jax.Ar
   return mask
 
 
-def dot_product_attention(
-  q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
-) -> jax.Array:
-  """Softmax attention with grouped kv heads: q [B, S, H, A], k, v [B, T, H_kv, A] -> [B, S, H, A].
+def cache_attention_mask(valid: jax.Array, index: jax.Array, seq_len: int) -> jax.Array:
+  """Mask [B, S, T] for S new tokens at cache slots index..index+S-1 attending over T slots.
 
-  `mask` [B or 1, S, T] (True = may attend). Scores and softmax are float32; a row with nothing to
-  attend to gets uniform weights rather than NaN.
+  Query s sees slot t iff valid[b, t] (the slot holds a real token; `valid` [B, T] already includes
+  this call's tokens) and t <= index + s (causal).
+  """
+  t = jnp.arange(valid.shape[1])
+  causal = t[None, :] <= index + jnp.arange(seq_len)[:, None]  # [S, T]
+  return valid[:, None, :] & causal[None]
+
+
+def update_cache(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+  """Write new [B, S, ...] into buffer [B, T, ...] at slots index..index+S-1 (in buffer's dtype)."""
+  start = (0, index) + (0,) * (buffer.ndim - 2)
+  return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
+
+
+def dot_product_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  mask: jax.Array | None = None,
+  *,
+  scale: float | None = None,
+) -> jax.Array:
+  """Softmax attention with grouped kv heads: q [B, S, H, A], k [B, T, H_kv, A], v [B, T, H_kv, A_v]
+  -> [B, S, H, A_v].
+
+  `mask` [B or 1, S, T] (True = may attend). `scale` multiplies the scores (default A^-1/2). Scores
+  and softmax are float32; a row with nothing to attend to gets uniform weights rather than NaN.
   """
   b, s, h, a = q.shape
   h_kv = k.shape[2]
+  scale = a**-0.5 if scale is None else scale
   q = q.reshape(b, s, h_kv, h // h_kv, a)  # [B, S, H_kv, G, A]: query head i -> kv head i // G
   scores = jnp.einsum("bshga,btha->bhgst", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (a**-0.5)  # [B, H_kv, G, S, T]
+  scores = scores * scale  # [B, H_kv, G, S, T]
   if mask is not None:
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)  # [B, H_kv, G, S, T] float32
-  out = jnp.einsum("bhgst,btha->bshga", probs.astype(v.dtype), v)  # [B, S, H_kv, G, A]
-  return out.reshape(b, s, h, a)
+  out = jnp.einsum("bhgst,btha->bshga", probs.astype(v.dtype), v)  # [B, S, H_kv, G, A_v]
+  return out.reshape(b, s, h, v.shape[-1])
 
 
 class Projection(nnx.Module):
@@ -149,7 +178,12 @@ class Attention(nnx.Module):
     head_dim: int | None = None,
     *,
     rope_theta: float = 10000.0,
+    rope_scaling: Mapping | tuple | None = None,
+    rope_interleave: bool = False,
     qkv_bias: bool = False,
+    qk_norm: str | None = None,
+    clip_qkv: float | None = None,
+    norm_eps: float = 1e-6,
     dtype=jnp.float32,
     param_dtype=jnp.float32,
     rngs: nnx.Rngs,
@@ -160,23 +194,39 @@ class Attention(nnx.Module):
       raise ValueError(f"num_kv_heads={num_kv_heads} must divide num_heads={num_heads}")
     if head_dim % 2:
       raise ValueError(f"head_dim={head_dim} must be even for rotary embeddings")
+    if qk_norm not in (None, "head", "proj"):
+      raise ValueError(f"qk_norm={qk_norm!r} must be None, 'head' or 'proj'")
     d, h, h_kv, a = d_model, num_heads, num_kv_heads, head_dim
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    qkv_axes = ("embed", "heads", "kv")  # "kv": the head_dim axis (sharding.py)
-    self.q_proj = Projection(
-      (d, h, a), qkv_axes, num_in=1, einsum="bsd,dha->bsha", use_bias=qkv_bias, **kw
+    proj = lambda heads: Projection(
+      (d, heads, a), QKV_AXES, num_in=1, einsum="bsd,dha->bsha", use_bias=qkv_bias, **kw
     )
-    self.k_proj = Projection(
-      (d, h_kv, a), qkv_axes, num_in=1, einsum="bsd,dha->bsha", use_bias=qkv_bias, **kw
-    )
-    self.v_proj = Projection(
-      (d, h_kv, a), qkv_axes, num_in=1, einsum="bsd,dha->bsha", use_bias=qkv_bias, **kw
-    )
+    self.q_proj, self.k_proj, self.v_proj = proj(h), proj(h_kv), proj(h_kv)
     self.o_proj = Projection(
       (h, a, d), ("heads", "kv", "embed"), num_in=2, einsum="bsha,had->bsd", **kw
     )
+    norm_kw = dict(eps=norm_eps, dtype=dtype, param_dtype=param_dtype)
+    if qk_norm == "head":
+      self.q_norm = RMSNorm(a, logical_axes=("kv",), **norm_kw)
+      self.k_norm = RMSNorm(a, logical_axes=("kv",), **norm_kw)
+    elif qk_norm == "proj":
+      self.q_norm = RMSNorm((h, a), logical_axes=("heads", "kv"), **norm_kw)
+      self.k_norm = RMSNorm((h_kv, a), logical_axes=("heads", "kv"), **norm_kw)
+    else:
+      self.q_norm = self.k_norm = None
+    self.num_kv_heads = h_kv
     self.head_dim = head_dim
     self.rope_theta = rope_theta
+    self.rope_scaling = normalize_rope_scaling(rope_scaling)  # hashable: a static attribute
+    self.rope_interleave = rope_interleave
+    self.clip_qkv = clip_qkv
+    self.dtype = dtype
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict[str, jax.Array]:
+    """An empty cache entry {"k", "v": [B, T, H_kv, A]} (dtype: the activation dtype)."""
+    shape = (batch_size, max_len, self.num_kv_heads, self.head_dim)
+    dtype = self.dtype if dtype is None else dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
   def __call__(
     self,
@@ -184,11 +234,16 @@ class Attention(nnx.Module):
     *,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
-  ) -> jax.Array:
-    """x [B, S, D] -> [B, S, D].
+    cache: dict[str, jax.Array] | None = None,
+    cache_index: jax.Array | None = None,
+    cache_mask: jax.Array | None = None,
+  ) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    """x [B, S, D] -> [B, S, D], or (y, updated cache) when `cache` is given.
 
     `positions` [B, S] (default 0..S-1) are the RoPE positions; `segment_ids` [B, S] (optional)
-    restricts attention to tokens of the same packed sequence (see `attention_mask`).
+    restricts attention to tokens of the same packed sequence (see `attention_mask`). With `cache`,
+    `cache_index` (int32 scalar: the first slot this call writes) and `cache_mask` [B, S, T] are
+    required and `segment_ids` is ignored; see the module docstring.
     """
     b, s, _ = x.shape
     if positions is None:
@@ -197,9 +252,28 @@ class Attention(nnx.Module):
       q = self.q_proj(x)  # [B, S, H, A]
       k = self.k_proj(x)  # [B, S, H_kv, A]
       v = self.v_proj(x)  # [B, S, H_kv, A]
+      if self.q_norm is not None:
+        q, k = self.q_norm(q), self.k_norm(k)
+      if self.clip_qkv is not None:
+        c = self.clip_qkv
+        q, k, v = jnp.clip(q, -c, c), jnp.clip(k, -c, c), jnp.clip(v, -c, c)
     with jax.named_scope("rope"):
-      cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)  # [B, S, A]
-      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+      cos, sin = rope_angles(
+        positions, self.head_dim, self.rope_theta, scaling=self.rope_scaling
+      )  # [B, S, A]
+      q = apply_rope(q, cos, sin, interleave=self.rope_interleave)
+      k = apply_rope(k, cos, sin, interleave=self.rope_interleave)
+    if cache is None:
+      with jax.named_scope("attend"):
+        out = dot_product_attention(q, k, v, attention_mask(s, segment_ids))  # [B, S, H, A]
+      return self.o_proj(out)  # [B, S, D]
+    with jax.named_scope("cache"):
+      cache = {
+        "k": update_cache(cache["k"], k, cache_index),  # [B, T, H_kv, A]
+        "v": update_cache(cache["v"], v, cache_index),
+      }
     with jax.named_scope("attend"):
-      out = dot_product_attention(q, k, v, attention_mask(s, segment_ids))  # [B, S, H, A]
-    return self.o_proj(out)  # [B, S, D]
+      out = dot_product_attention(
+        q, cache["k"].astype(q.dtype), cache["v"].astype(v.dtype), cache_mask
+      )
+    return self.o_proj(out), cache

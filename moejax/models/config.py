@@ -3,9 +3,21 @@
 The layer pattern follows DeepSeekMoE / DeepSeek-V2 (`first_k_dense_replace`, `moe_layer_freq`):
 
     layer i is MoE  iff  moe is not None and i >= first_k_dense and (i - first_k_dense) % moe_every == 0
+                         and i not in mlp_only_layers
 
 so `first_k_dense=1, moe_every=1` is DeepSeek-V2/V3 (dense first layer, MoE after), `moe_every=2` is
-GShard / Switch (every other layer), and `moe=None` is a dense Llama-style model.
+GShard / Switch (every other layer), and `moe=None` is a dense Llama-style model. Hugging Face's
+Qwen2/3-MoE `decoder_sparse_step=s` is `first_k_dense=s-1, moe_every=s` (plus their
+`mlp_only_layers`); DeepSeek's `first_k_dense_replace=k` is `first_k_dense=k`.
+
+Attention layouts of the released MoE families (fields below; HF = transformers' modeling files):
+
+    Mixtral         attention="gqa"
+    Qwen2-MoE       attention="gqa", qkv_bias=True
+    Qwen3-MoE       attention="gqa", qk_norm="head"
+    OLMoE           attention="gqa", qk_norm="proj", clip_qkv (None in the released model)
+    DeepSeek-V2     attention="mla", rope_interleave=True, rope_scaling yarn (q_lora_rank None for Lite)
+    DeepSeek-V3     attention="mla", rope_interleave=config.rope_interleave, rope_scaling yarn
 
 Causality: with dropless dispatch and a token-choice router each token's output depends only on
 itself and earlier tokens. Expert-choice routing, and capacity dispatch (a token's copy can be dropped
@@ -24,10 +36,15 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from moejax.models.rope import normalize_rope_scaling
 from moejax.moe.config import ACTIVATIONS, MoEConfig
 
 # dtype names accepted in configs (strings keep experiment files free of jnp imports).
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+# The MLA widths: set (q_lora_rank optionally) with attention="mla", None with "gqa".
+_MLA_FIELDS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -75,6 +92,29 @@ class ModelConfig:
   rope_theta: float = 10000.0
   # RMSNorm epsilon.
   norm_eps: float = 1e-6
+  # "gqa" (MHA / GQA / MQA, attention.py) or "mla" (DeepSeek-V2/V3 multi-head latent attention, mla.py).
+  attention: str = "gqa"
+  # GQA only. None; "head": RMSNorm over head_dim on each q/k head, scale [A] (Qwen3-MoE); "proj":
+  # RMSNorm over the whole q / k projection, scales [H, A] / [H_kv, A] (OLMoE).
+  qk_norm: str | None = None
+  # GQA only: clamp q, k, v to [-clip_qkv, clip_qkv] after the qk norm (OLMoE); None = no clamp.
+  clip_qkv: float | None = None
+  # RoPE on interleaved pairs (2j, 2j+1) instead of rotate-half (j, j+A/2): DeepSeek-V2 and V3.
+  rope_interleave: bool = False
+  # HF `rope_parameters` / `rope_scaling` minus rope_theta, as a sorted tuple of (key, value) items
+  # (a dict is accepted and converted); rope_type "default" or "yarn" (see rope.py). None = plain.
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  # MLA: rank of the query compression (None = a plain q projection, DeepSeek-V2-Lite), of the
+  # key/value compression (required), and the per-head widths of the unrotated and rotated q/k parts
+  # and of the values (all required).
+  q_lora_rank: int | None = None
+  kv_lora_rank: int | None = None
+  qk_nope_head_dim: int | None = None
+  qk_rope_head_dim: int | None = None
+  v_head_dim: int | None = None
+  # Layers that are dense whatever the pattern (Qwen2/3-MoE `mlp_only_layers`); needs scan_layers
+  # False (the stack would not be periodic).
+  mlp_only_layers: tuple[int, ...] = ()
   # Use the token embedding [V, D] as the output projection too (Press & Wolf 2017).
   tie_embeddings: bool = False
   # The MoE layer; None = a dense model.
@@ -107,16 +147,23 @@ class ModelConfig:
         _fail(name, value, "must be a positive integer or None")
     if not isinstance(self.first_k_dense, int) or not 0 <= self.first_k_dense <= self.num_layers:
       _fail("first_k_dense", self.first_k_dense, f"must lie in [0, num_layers={self.num_layers}]")
-    if self.head_dim is None and self.d_model % self.num_heads:
-      _fail(
-        "num_heads",
-        self.num_heads,
-        f"must divide d_model={self.d_model} when head_dim is None (or set head_dim)",
-      )
-    if self.num_heads % self.resolved_num_kv_heads:
-      _fail("num_kv_heads", self.num_kv_heads, f"must divide num_heads={self.num_heads}")
-    if self.resolved_head_dim % 2:
-      _fail("head_dim", self.resolved_head_dim, "must be even (rotary embeddings rotate pairs)")
+    if self.attention not in ("gqa", "mla"):
+      _fail("attention", self.attention, "must be 'gqa' or 'mla'")
+    if self.attention == "gqa":
+      self._check_gqa()
+    else:
+      self._check_mla()
+    if self.clip_qkv is not None and not (
+      isinstance(self.clip_qkv, (int, float)) and self.clip_qkv > 0 and math.isfinite(self.clip_qkv)
+    ):
+      _fail("clip_qkv", self.clip_qkv, "must be a finite number > 0 or None")
+    if not isinstance(self.rope_interleave, bool):
+      _fail("rope_interleave", self.rope_interleave, "must be a bool")
+    try:
+      object.__setattr__(self, "rope_scaling", normalize_rope_scaling(self.rope_scaling))
+    except ValueError as e:
+      _fail("rope_scaling", self.rope_scaling, str(e))
+    self._check_mlp_only_layers()
     if self.activation not in ACTIVATIONS:
       _fail("activation", self.activation, f"known activations are {', '.join(ACTIVATIONS)}")
     for name in ("rope_theta", "norm_eps"):
@@ -145,6 +192,74 @@ class ModelConfig:
         "are dense",
       )
 
+  def _check_gqa(self) -> None:
+    if self.head_dim is None and self.d_model % self.num_heads:
+      _fail(
+        "num_heads",
+        self.num_heads,
+        f"must divide d_model={self.d_model} when head_dim is None (or set head_dim)",
+      )
+    if self.num_heads % self.resolved_num_kv_heads:
+      _fail("num_kv_heads", self.num_kv_heads, f"must divide num_heads={self.num_heads}")
+    if self.resolved_head_dim % 2:
+      _fail("head_dim", self.resolved_head_dim, "must be even (rotary embeddings rotate pairs)")
+    if self.qk_norm not in (None, "head", "proj"):
+      _fail("qk_norm", self.qk_norm, "must be None, 'head' or 'proj'")
+    for name in _MLA_FIELDS:
+      if getattr(self, name) is not None:
+        _fail(name, getattr(self, name), "is for attention='mla' only; must be None with 'gqa'")
+
+  def _check_mla(self) -> None:
+    for name in _MLA_FIELDS:
+      value, required = getattr(self, name), name != "q_lora_rank"
+      if value is None and not required:
+        continue
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        _fail(
+          name,
+          value,
+          "must be a positive integer with attention='mla'" + ("" if required else " (or None)"),
+        )
+    if self.qk_rope_head_dim % 2:
+      _fail(
+        "qk_rope_head_dim", self.qk_rope_head_dim, "must be even (rotary embeddings rotate pairs)"
+      )
+    if self.num_kv_heads not in (None, self.num_heads):
+      _fail(
+        "num_kv_heads",
+        self.num_kv_heads,
+        f"must be None or num_heads={self.num_heads} with attention='mla' (every head has its own "
+        "keys and values, expanded from the shared latent)",
+      )
+    if self.head_dim is not None:
+      _fail(
+        "head_dim",
+        self.head_dim,
+        "must be None with attention='mla' (set qk_nope_head_dim, qk_rope_head_dim, v_head_dim)",
+      )
+    if self.qk_norm is not None:
+      _fail("qk_norm", self.qk_norm, "must be None with attention='mla'")
+    if self.clip_qkv is not None:
+      _fail("clip_qkv", self.clip_qkv, "must be None with attention='mla'")
+
+  def _check_mlp_only_layers(self) -> None:
+    value = self.mlp_only_layers
+    try:
+      layers = tuple(sorted(set(value)))
+    except TypeError:
+      layers = None
+    if layers is None or not all(
+      isinstance(i, int) and not isinstance(i, bool) and 0 <= i < self.num_layers for i in layers
+    ):
+      _fail("mlp_only_layers", value, f"must be layer indices in [0, num_layers={self.num_layers})")
+    if layers and self.scan_layers:
+      _fail(
+        "mlp_only_layers",
+        value,
+        "must be empty with scan_layers=True (the scanned stack must be periodic)",
+      )
+    object.__setattr__(self, "mlp_only_layers", layers)
+
   # ------------------------------------------------------------------------------------------------
   # Derived values.
 
@@ -164,6 +279,7 @@ class ModelConfig:
       self.moe is not None
       and i >= self.first_k_dense
       and (i - self.first_k_dense) % self.moe_every == 0
+      and i not in self.mlp_only_layers
     )
 
   @property
@@ -212,6 +328,7 @@ class ModelConfig:
     """Plain dict (dtypes as strings, `moe` as a dict or None) that `from_config` reads back."""
     out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     out["dtype"], out["param_dtype"] = self.dtype.name, self.param_dtype.name
+    out["rope_scaling"] = None if self.rope_scaling is None else dict(self.rope_scaling)
     if self.moe is not None:
       moe = dataclasses.asdict(self.moe)
       moe["dtype"], moe["param_dtype"] = (

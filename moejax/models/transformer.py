@@ -8,7 +8,8 @@
 
 Each block is pre-norm (Xiong et al. 2020), as in Llama and Mixtral (Jiang et al. 2024):
 
-    x = x + Attention(RMSNorm(x))               causal GQA with RoPE (attention.py)
+    x = x + Attention(RMSNorm(x))               causal GQA with RoPE (attention.py), or multi-head
+                                                latent attention (mla.py) when config.attention="mla"
     x = x + FFN(RMSNorm(x))                     dense SwiGLU, or the MoE layer (moejax.moe.MoE)
 
 then a final RMSNorm (Zhang & Sennrich 2019) and the output projection (the token embedding when
@@ -27,10 +28,29 @@ A dense model scans all L layers as periods of one. Layer i = first_k_dense + u 
 `scanned_blocks.{j}` index [u]. `unstack_layers` / `stack_layers` convert a state between the layouts
 (e.g. to import a checkpoint into the unscanned layout and stack it).
 
+KV cache (decoding):
+
+    cache = model.init_cache(batch_size, max_len)       # a pytree of arrays; jit-friendly
+    logits, aux, cache = model(prompt, token_mask=mask, positions=pos, cache=cache)    # prefill
+    logits, aux, cache = model(next_tokens[:, None], positions=pos[:, -1:] + 1, cache=cache)
+
+    cache = {"index": int32 [] (slots filled so far), "valid": bool [B, max_len] (slot holds a real
+             token), "layers": per attention layer, in the layer layout:
+                unscanned: [entry of block i]
+                scanned:   {"prefix": [entry], "scanned": [entry of period position j, each array
+                            with a leading U axis], "suffix": [entry]}}
+    entry  = {"k", "v": [B, max_len, H_kv, A]} (GQA; k after RoPE)
+           | {"c_kv": [B, max_len, R_kv], "k_pe": [B, max_len, A_rope]} (MLA; see mla.py)
+
+A call with S tokens writes slots index..index+S-1, marks them valid where token_mask is 1, and lets
+query s see slot t iff valid[t] and t <= index + s. Left-padded batches thus need only token_mask and
+positions counting real tokens; the logits of real tokens equal a full forward's.
+
 Parameter paths (unscanned; A = head_dim, F = dense_hidden_dim):
 
     embed.embedding [V, D]                  lm_head.kernel [D, V] (untied only)     final_norm.scale [D]
-    blocks.{i}.attn_norm.scale [D]          blocks.{i}.attn.{q,k,v,o}_proj.kernel (see attention.py)
+    blocks.{i}.attn_norm.scale [D]          blocks.{i}.attn.{q,k,v,o}_proj.kernel (see attention.py;
+                                            MLA's q_a_proj, kv_a_proj, kv_b_proj, ...: see mla.py)
     blocks.{i}.ffn_norm.scale [D]
     blocks.{i}.mlp.w_gate, .w_up [D, F], .w_down [F, D]       dense layers (w_gate: gated only)
     blocks.{i}.moe.router.kernel ..., blocks.{i}.moe.experts.w_up ...   MoE layers (see moejax.moe.layer)
@@ -42,8 +62,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.models.attention import Attention, Projection
+from moejax.models.attention import Attention, Projection, cache_attention_mask
 from moejax.models.config import ModelConfig
+from moejax.models.mla import MLA
+from moejax.models.norm import RMSNorm
 from moejax.moe import losses
 from moejax.moe.experts import dense_ffn, dense_init
 from moejax.moe.layer import MoE
@@ -58,20 +80,6 @@ _LOSS_COEFS = {
   "seq_balance_loss": "seq_balance_coef",
   "router_z_loss": "z_loss_coef",
 }
-
-
-class RMSNorm(nnx.Module):
-  """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x^2) + eps) * scale, computed in float32."""
-
-  def __init__(self, dim: int, *, eps: float = 1e-6, dtype=jnp.float32, param_dtype=jnp.float32):
-    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("embed",))
-    self.eps = eps
-    self.dtype = dtype
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (xf * self.scale[...].astype(jnp.float32)).astype(self.dtype)
 
 
 class DenseFFN(nnx.Module):
@@ -109,17 +117,25 @@ class Block(nnx.Module):
     c = config
     norm = lambda: RMSNorm(c.d_model, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
     self.attn_norm = norm()
-    self.attn = Attention(
-      c.d_model,
-      c.num_heads,
-      c.resolved_num_kv_heads,
-      c.resolved_head_dim,
-      rope_theta=c.rope_theta,
-      qkv_bias=c.qkv_bias,
-      dtype=c.dtype,
-      param_dtype=c.param_dtype,
-      rngs=rngs,
-    )
+    if c.attention == "mla":
+      self.attn = MLA(c, rngs=rngs)
+    else:
+      self.attn = Attention(
+        c.d_model,
+        c.num_heads,
+        c.resolved_num_kv_heads,
+        c.resolved_head_dim,
+        rope_theta=c.rope_theta,
+        rope_scaling=c.rope_scaling,
+        rope_interleave=c.rope_interleave,
+        qkv_bias=c.qkv_bias,
+        qk_norm=c.qk_norm,
+        clip_qkv=c.clip_qkv,
+        norm_eps=c.norm_eps,
+        dtype=c.dtype,
+        param_dtype=c.param_dtype,
+        rngs=rngs,
+      )
     self.ffn_norm = norm()
     self.moe = MoE(c.moe, rngs=rngs) if use_moe else None
     self.mlp = None if use_moe else DenseFFN(c, rngs=rngs)
@@ -130,17 +146,33 @@ class Block(nnx.Module):
     positions: jax.Array | None,
     segment_ids: jax.Array | None,
     token_mask: jax.Array | None,
-  ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
-    """x [B, S, D] -> (x [B, S, D], the MoE layer's aux or None for a dense block)."""
+    cache: dict[str, jax.Array] | None = None,
+    cache_index: jax.Array | None = None,
+    cache_mask: jax.Array | None = None,
+  ):
+    """x [B, S, D] -> (x [B, S, D], the MoE layer's aux or None for a dense block).
+
+    With `cache` (this layer's entry; `cache_index`, `cache_mask` as in attention.py) it returns
+    (x, aux, the updated entry).
+    """
     with jax.named_scope("attention"):
-      x = x + self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
+      h = self.attn_norm(x)
+      if cache is None:
+        y = self.attn(h, positions=positions, segment_ids=segment_ids)
+      else:
+        y, cache = self.attn(
+          h, positions=positions, cache=cache, cache_index=cache_index, cache_mask=cache_mask
+        )
+      x = x + y
     h = self.ffn_norm(x)
     if self.moe is None:
       with jax.named_scope("mlp"):
-        return x + self.mlp(h), None
-    with jax.named_scope("moe"):
-      y, aux = self.moe(h, token_mask=token_mask)
-    return x + y.astype(x.dtype), aux
+        x, aux = x + self.mlp(h), None
+    else:
+      with jax.named_scope("moe"):
+        y, aux = self.moe(h, token_mask=token_mask)
+      x = x + y.astype(x.dtype)
+    return (x, aux) if cache is None else (x, aux, cache)
 
 
 def layer_layout(config: ModelConfig) -> tuple[int, int, int, int]:
@@ -198,6 +230,33 @@ class Transformer(nnx.Module):
         rngs=rngs,
       )
 
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
+    """An empty KV cache for `batch_size` sequences of up to `max_len` tokens (see the module doc).
+
+    {"index": int32 [] slots filled, "valid": bool [B, max_len] slots holding real tokens, "layers":
+    one entry per attention layer in the model's layer layout}; arrays in `dtype` (default: the
+    activation dtype). Traceable: call it inside jit with static sizes.
+    """
+    c = self.config
+    dtype = c.dtype if dtype is None else jnp.dtype(dtype)
+    entry = lambda block: block.attn.init_cache(batch_size, max_len, dtype)
+    if c.scan_layers:
+      units = layer_layout(c)[2]
+      stack = lambda tree: jax.tree.map(lambda a: jnp.zeros((units, *a.shape), a.dtype), tree)
+      scanned = self.scanned_blocks or []
+      layers = {
+        "prefix": [entry(block) for block in self.prefix_blocks],
+        "scanned": [stack(entry(block)) for block in scanned],
+        "suffix": [entry(block) for block in self.suffix_blocks],
+      }
+    else:
+      layers = [entry(block) for block in self.blocks]
+    return {
+      "index": jnp.zeros((), jnp.int32),
+      "valid": jnp.zeros((batch_size, max_len), bool),
+      "layers": layers,
+    }
+
   def __call__(
     self,
     tokens: jax.Array,
@@ -205,13 +264,20 @@ class Transformer(nnx.Module):
     token_mask: jax.Array | None = None,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
-  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """tokens [B, S] (int) -> (logits [B, S, V] float32, aux).
+    cache: dict | None = None,
+  ):
+    """tokens [B, S] (int) -> (logits [B, S, V] float32, aux), or (logits, aux, cache) with `cache`.
 
     `token_mask` [B, S] (1 = real token) keeps padding out of the MoE losses and expert counts; it
     does not mask attention: with causal attention and right padding no real token sees padding, and
     packed or left-padded batches pass `segment_ids` [B, S] (see attention.attention_mask) and
     `positions` [B, S] (RoPE positions, default 0..S-1).
+
+    With `cache` (from `init_cache`, or returned by the previous call) the tokens fill cache slots
+    index..index+S-1 (index + S must not exceed max_len), `token_mask` also marks which of them hold
+    real tokens (padding is never attended to), each token attends causally to the valid slots, and
+    `positions` defaults to index + 0..S-1 (left-padded callers pass positions counting real tokens
+    only); `segment_ids` is not supported. The returned cache has index + S.
 
     aux (L_moe = config.num_moe_layers; rows in layer order, config.moe_layers):
       aux_loss           scalar: sum over MoE layers of load_balance_coef * load_balance_loss
@@ -229,18 +295,33 @@ class Transformer(nnx.Module):
     model) / [0].
     """
     c = self.config
+    b, s = tokens.shape
     x = self.embed(tokens)  # [B, S, D] in dtype
+    cache_kw, layer_caches = None, None
+    if cache is not None:
+      if segment_ids is not None:
+        raise ValueError("segment_ids cannot be combined with cache=; mark padding with token_mask")
+      index = cache["index"]
+      real = jnp.ones((b, s), bool) if token_mask is None else token_mask.astype(bool)
+      valid = jax.lax.dynamic_update_slice(cache["valid"], real, (0, index))  # [B, T]
+      cache_kw = dict(cache_index=index, cache_mask=cache_attention_mask(valid, index, s))
+      if positions is None:
+        positions = jnp.broadcast_to(index + jnp.arange(s), (b, s))
+      layer_caches = cache["layers"]
     args = (positions, segment_ids, token_mask)
     layer_aux = []  # dicts of per-layer MoE aux, each with a leading layer axis
     if c.scan_layers:
-      x = _run_blocks(self.prefix_blocks, x, args, layer_aux)
+      get = lambda key: None if layer_caches is None else layer_caches[key]
+      x, prefix = _run_blocks(self.prefix_blocks, x, args, layer_aux, get("prefix"), cache_kw)
+      scanned = None if layer_caches is None else []
       if self.scanned_blocks is not None:
-        x, aux = _scan_blocks(self.scanned_blocks, x, args)
+        x, aux, scanned = _scan_blocks(self.scanned_blocks, x, args, get("scanned"), cache_kw)
         if aux is not None:
           layer_aux.append(aux)  # [U, ...]
-      x = _run_blocks(self.suffix_blocks, x, args, layer_aux)
+      x, suffix = _run_blocks(self.suffix_blocks, x, args, layer_aux, get("suffix"), cache_kw)
+      new_layers = {"prefix": prefix, "scanned": scanned, "suffix": suffix}
     else:
-      x = _run_blocks(self.blocks, x, args, layer_aux)
+      x, new_layers = _run_blocks(self.blocks, x, args, layer_aux, layer_caches, cache_kw)
     h = self.final_norm(x)  # [B, S, D]
     with jax.named_scope("logits"):
       if self.lm_head is None:
@@ -249,7 +330,10 @@ class Transformer(nnx.Module):
       else:
         w = self.lm_head.kernel[...].astype(c.dtype)  # [D, V]
         logits = jnp.einsum("bsd,dv->bsv", h, w, preferred_element_type=jnp.float32)
-    return logits.astype(jnp.float32), self._summarise_aux(layer_aux)
+    logits, aux = logits.astype(jnp.float32), self._summarise_aux(layer_aux)
+    if cache is None:
+      return logits, aux
+    return logits, aux, {"index": index + s, "valid": valid, "layers": new_layers}
 
   def _summarise_aux(self, layer_aux: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
     c = self.config
@@ -297,31 +381,48 @@ class Transformer(nnx.Module):
         block.moe.update_aux_free_bias(expert_counts[next(rows)])
 
 
-def _run_blocks(blocks, x, args, layer_aux):
-  """Apply a list of blocks in order, appending each MoE layer's aux (with a leading axis of 1)."""
-  for block in blocks:
-    x, aux = block(x, *args)
+def _run_blocks(blocks, x, args, layer_aux, caches=None, cache_kw=None):
+  """Apply a list of blocks in order, appending each MoE layer's aux (with a leading axis of 1).
+
+  Returns x and the blocks' updated cache entries (None without `caches`).
+  """
+  new_caches = None if caches is None else []
+  for i, block in enumerate(blocks):
+    if caches is None:
+      x, aux = block(x, *args)
+    else:
+      x, aux, entry = block(x, *args, caches[i], **cache_kw)
+      new_caches.append(entry)
     if aux is not None:
       layer_aux.append(jax.tree.map(lambda a: a[None], aux))
-  return x
+  return x, new_caches
 
 
-def _scan_blocks(units: nnx.List, x, args):
-  """Run the stacked periods with `nnx.scan`; returns x and the periods' MoE aux stacked [U, ...]."""
+def _scan_blocks(units: nnx.List, x, args, caches=None, cache_kw=None):
+  """Run the stacked periods with `nnx.scan`.
+
+  Returns x, the periods' MoE aux stacked [U, ...] (None for a dense model), and the updated cache
+  entries (a list over period positions j of entries stacked [U, ...]; None without `caches`): the
+  cache is a scanned input and output, so each period reads and writes its own slice.
+  """
 
   # graph_updates=False: the graph-update mode refuses variables created at an outer trace level
   # ("Cannot extract graph node from different trace level"), which is what a functional train step
   # -- jax.jit(jax.grad(loss)) merging non-differentiated state inside -- hands it. This mode ignores
   # transform_metadata: inside the body, logical_axes still start with "layers".
-  @nnx.scan(in_axes=(nnx.Carry, 0, None), out_axes=(nnx.Carry, 0), graph_updates=False)
-  def body(x, unit, args):
-    moe_aux = None
-    for block in unit:
-      x, aux = block(x, *args)
+  @nnx.scan(in_axes=(nnx.Carry, 0, None, 0, None), out_axes=(nnx.Carry, 0, 0), graph_updates=False)
+  def body(x, unit, args, unit_caches, cache_kw):
+    moe_aux, new_caches = None, None if unit_caches is None else []
+    for j, block in enumerate(unit):
+      if unit_caches is None:
+        x, aux = block(x, *args)
+      else:
+        x, aux, entry = block(x, *args, unit_caches[j], **cache_kw)
+        new_caches.append(entry)
       moe_aux = aux if aux is not None else moe_aux  # at most one MoE block per period
-    return x, moe_aux
+    return x, moe_aux, new_caches
 
-  return body(x, units, args)
+  return body(x, units, args, caches, cache_kw)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -170,3 +170,31 @@ def test_logical_axes():
   assert attn.q_proj.kernel.get_metadata()["logical_axes"] == ("embed", "heads", "kv")
   assert attn.k_proj.bias.get_metadata()["logical_axes"] == ("heads", "kv")
   assert attn.o_proj.kernel.get_metadata()["logical_axes"] == ("heads", "kv", "embed")
+
+
+def test_interleaved_rope_formula():
+  # Pair (2j, 2j+1) turns by p * theta^(-2j/A); the result lists the pairs' first then second parts.
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(B, S, 3, 8))
+  positions = rng.integers(0, 1000, size=(B, S))
+  cos, sin = rope_angles(jnp.asarray(positions), 8, theta=10000.0)
+  y = apply_rope(jnp.asarray(x, jnp.float32), cos, sin, interleave=True)
+  expected = np.empty_like(x)
+  for j in range(4):
+    angle = positions[:, :, None] * 10000.0 ** (-2.0 * j / 8)
+    x1, x2 = x[..., 2 * j], x[..., 2 * j + 1]
+    expected[..., j] = x1 * np.cos(angle) - x2 * np.sin(angle)
+    expected[..., j + 4] = x2 * np.cos(angle) + x1 * np.sin(angle)
+  assert_close(y, expected, what="interleaved rope")
+
+
+def test_qk_norm_parameters():
+  attn = Attention(D, 4, 2, qk_norm="head", rngs=rngs())
+  assert attn.q_norm.scale.shape == attn.k_norm.scale.shape == (8,)
+  assert attn.q_norm.scale.get_metadata()["logical_axes"] == ("kv",)
+  attn = Attention(D, 4, 2, qk_norm="proj", rngs=rngs())
+  assert attn.q_norm.scale.shape == (4, 8) and attn.k_norm.scale.shape == (2, 8)
+  assert attn.k_norm.scale.get_metadata()["logical_axes"] == ("heads", "kv")
+  assert Attention(D, 4, 2, rngs=rngs()).q_norm is None
+  with pytest.raises(ValueError, match="qk_norm"):
+    Attention(D, 4, 2, qk_norm="layer", rngs=rngs())

@@ -9,6 +9,8 @@ from moejax.moe import MoEConfig
 
 BASE = dict(vocab_size=64, d_model=32, num_layers=4, num_heads=4, dense_hidden_dim=48)
 MOE = MoEConfig(d_model=32, num_experts=4, top_k=2, expert_hidden_dim=16)
+MLA = dict(attention="mla", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
+YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096}
 
 
 @pytest.mark.parametrize(
@@ -32,6 +34,30 @@ MOE = MoEConfig(d_model=32, num_experts=4, top_k=2, expert_hidden_dim=16)
     (dict(moe=MOE.replace(d_model=16)), "moe.d_model"),
     (dict(moe={"num_experts": 4}), "moe"),
     (dict(dense_hidden_dim=None), "dense_hidden_dim"),  # the dense model needs it
+    (dict(attention="mha"), "attention"),
+    (dict(qk_norm="layer"), "qk_norm"),
+    (dict(clip_qkv=0.0), "clip_qkv"),
+    (dict(clip_qkv=float("inf")), "clip_qkv"),
+    (dict(rope_interleave=1), "rope_interleave"),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling"),
+    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling"),
+    (dict(rope_scaling={**YARN, "low_freq_factor": 1.0}), "rope_scaling"),  # unknown key
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "rope_scaling"),  # missing key
+    (dict(rope_scaling={**YARN, "factor": "big"}), "rope_scaling"),
+    (dict(rope_scaling=3), "rope_scaling"),
+    (dict(kv_lora_rank=16), "kv_lora_rank"),  # an MLA width with attention="gqa"
+    (dict(q_lora_rank=8), "q_lora_rank"),
+    (dict(MLA, kv_lora_rank=None), "kv_lora_rank"),  # required by MLA
+    (dict(MLA, v_head_dim=0), "v_head_dim"),
+    (dict(MLA, qk_rope_head_dim=5), "qk_rope_head_dim"),  # odd: RoPE rotates pairs
+    (dict(MLA, q_lora_rank=0), "q_lora_rank"),
+    (dict(MLA, num_kv_heads=2), "num_kv_heads"),
+    (dict(MLA, head_dim=8), "head_dim"),
+    (dict(MLA, qk_norm="head"), "qk_norm"),
+    (dict(MLA, clip_qkv=8.0), "clip_qkv"),
+    (dict(mlp_only_layers=(4,)), "mlp_only_layers"),  # out of range
+    (dict(mlp_only_layers=(1.0,)), "mlp_only_layers"),
+    (dict(mlp_only_layers=(1,), scan_layers=True), "mlp_only_layers"),  # not periodic
   ],
 )
 def test_validation_names_the_field(changes, field):
@@ -46,6 +72,39 @@ def test_valid_variants():
   c = ModelConfig(**{**BASE, "dense_hidden_dim": None, "moe": MOE})
   assert c.moe_layers == (0, 1, 2, 3)
   assert ModelConfig(**BASE).resolved_head_dim == 8 and ModelConfig(**BASE).moe_layers == ()
+
+
+def test_new_attention_fields():
+  # MLA ignores num_heads | d_model and head_dim; the mla widths are its head sizes.
+  c = ModelConfig(**{**BASE, "num_heads": 5}, **MLA, q_lora_rank=24)
+  assert (c.attention, c.q_lora_rank, c.kv_lora_rank) == ("mla", 24, 16)
+  # rope_scaling: a mapping becomes a sorted, hashable tuple of items; rope_theta is dropped
+  # (ModelConfig.rope_theta holds it); "type" is HF's old name for rope_type.
+  c = ModelConfig(**BASE, rope_scaling={**YARN, "rope_theta": 1e4, "mscale": 1.0})
+  assert c.rope_scaling == tuple(sorted({**YARN, "mscale": 1.0}.items()))
+  hash(c)
+  old = ModelConfig(
+    **BASE, rope_scaling={"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8}
+  )
+  assert dict(old.rope_scaling)["type"] == "yarn"
+  assert ModelConfig(**BASE, rope_scaling={"rope_type": "default"}).rope_scaling == (
+    ("rope_type", "default"),
+  )
+  c = ModelConfig(**BASE, qk_norm="proj", clip_qkv=8, rope_interleave=True)
+  assert (c.qk_norm, c.clip_qkv, c.rope_interleave) == ("proj", 8, True)
+
+
+def test_mlp_only_layers():
+  # Qwen2-MoE: decoder_sparse_step=2 -> first_k_dense=1, moe_every=2; mlp_only_layers=[3] -> dense.
+  c = ModelConfig(
+    **{**BASE, "num_layers": 6}, moe=MOE, first_k_dense=1, moe_every=2, mlp_only_layers=[5, 3]
+  )
+  assert c.mlp_only_layers == (3, 5)  # normalised to a sorted tuple
+  assert c.moe_layers == (1,)
+  assert [c.is_moe_layer(i) for i in range(6)] == [False, True, False, False, False, False]
+  # Every layer dense through mlp_only_layers: dense_hidden_dim is required.
+  with pytest.raises(ValueError, match=r"ModelConfig\.dense_hidden_dim="):
+    ModelConfig(**{**BASE, "dense_hidden_dim": None}, moe=MOE, mlp_only_layers=(0,))
 
 
 def test_layer_pattern_and_dtypes():
@@ -112,6 +171,21 @@ def test_from_config_round_trip():
   assert ModelConfig.from_config(ml_collections.ConfigDict(c.to_dict())) == c
   dense = ml_collections.ConfigDict({**BASE, "moe": None})
   assert ModelConfig.from_config(dense).moe is None
+  # The attention fields survive the round trip too (rope_scaling as a plain dict in to_dict).
+  c = ModelConfig(
+    **BASE,
+    **MLA,
+    q_lora_rank=24,
+    rope_interleave=True,
+    rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+    mlp_only_layers=(0, 2),
+  )
+  d = c.to_dict()
+  assert d["rope_scaling"] == {**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}
+  assert ModelConfig.from_config(ml_collections.ConfigDict(d)) == c
+  assert ModelConfig.from_config(d) == c
+  gqa = ModelConfig(**BASE, qk_norm="proj", clip_qkv=8.0)
+  assert ModelConfig.from_config(ml_collections.ConfigDict(gqa.to_dict())) == gqa
 
 
 def test_from_config_rejects_unknown_keys():
