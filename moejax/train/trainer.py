@@ -251,3 +251,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   if t.plots and jax.process_index() == 0:
     plots.plot_run(workdir)
   return final
+
+
+def load_run(workdir: str | Path, step: int | None = None):
+  """(model, model_config, tokenizer) of a training run's checkpoint (default: its latest).
+
+  Reads `workdir/config.json` (written by `train_and_evaluate`), rebuilds the model on one device
+  and restores its parameters and state; the optimizer state is read only to match the checkpoint's
+  structure. The model is in eval mode.
+  """
+  import json
+
+  from moejax.data import make_tokenizer
+
+  workdir = Path(workdir)
+  config_path = workdir / "config.json"
+  if not config_path.is_file():
+    raise FileNotFoundError(f"{config_path} not found: is {workdir} a moejax training workdir?")
+  config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  t = config.train
+  data_config = DataConfig.from_config(
+    config.data, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed
+  )
+  tokenizer = make_tokenizer(data_config)
+  model_config = build_model_config(config, tokenizer.vocab_size)
+  mesh = sharding.make_mesh({"data": 1}, devices=jax.devices()[:1])
+  trainer = Trainer(config, model_config, mesh)
+  checkpointer = Checkpointer(workdir)
+  step = checkpointer.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir / 'checkpoints'}")
+  with trainer.context():
+    abstract = jax.eval_shape(trainer._init)
+  (params, rest, _), _ = checkpointer.restore(step, abstract)
+  checkpointer.close()
+  model = nnx.merge(trainer.eval_graphdef, params, rest)
+  return model, model_config, tokenizer

@@ -102,6 +102,13 @@ def test_short_run_writes_everything(tmp_path, monkeypatch):
   # The quickstart notebook reads this real run: its loss and routing plots all render.
   outputs = run_notebook(workdir, tmp_path, monkeypatch)
   assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 3
+  # The trained checkpoint generates text from the command line.
+  gen = [sys.executable, "-m", "moejax.generate", f"--checkpoint={workdir}", "--prompt=def "]
+  out = subprocess.run(
+    [*gen, "--max_new_tokens=12"], env=_env(tmp_path), capture_output=True, text=True, timeout=300
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.startswith("def ") and len(out.stdout) > len("def ")
 
 
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
