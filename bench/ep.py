@@ -52,7 +52,6 @@ for _flag in (_DEVICES_FLAG, "--xla_cpu_parallel_codegen_split_count=1"):
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import math  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Sequence  # noqa: E402
@@ -67,7 +66,13 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from moejax import sharding  # noqa: E402
-from moejax.benchmarking import cpu_count, cpu_name, markdown_table, time_ms  # noqa: E402
+from moejax.benchmarking import (  # noqa: E402
+  cpu_count,
+  cpu_name,
+  markdown_table,
+  time_ms,
+  write_rows,
+)
 from moejax.moe import MoE, MoEConfig  # noqa: E402
 
 NUM_DEVICES = 8
@@ -299,10 +304,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     f"{args.warmup} warm-up, ms; a2a = bytes one device sends per forward+backward"
   )
   print(format_table(rows, header))
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-      json.dump(rows, fh, indent=2)
+  write_rows(args.out, rows)
   return rows
 
 

@@ -22,8 +22,6 @@ timed; the table reports the median of `--repeats` timed calls in milliseconds. 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -34,7 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from moejax.benchmarking import cpu_count, cpu_name, markdown_table, time_ms, torch_threads
+from moejax.benchmarking import (
+  cpu_count,
+  cpu_name,
+  markdown_table,
+  time_ms,
+  torch_threads,
+  write_rows,
+)
 from moejax.moe import MoE, MoEConfig
 
 # The experts implementation that `MixtralForCausalLM(config)` resolves to by default in transformers
@@ -310,10 +315,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     print(f"E={e}: moejax {moejax_ms:.1f} ms, dense {dense_ms:.1f} ms", file=sys.stderr, flush=True)
 
   print(format_table(rows, header))
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-      json.dump(rows, fh, indent=2)
+  write_rows(args.out, rows)
   return rows
 
 

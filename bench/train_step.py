@@ -37,8 +37,6 @@ import argparse
 import ast
 import importlib.util
 import itertools
-import json
-import os
 import pathlib
 import sys
 from collections.abc import Sequence
@@ -50,7 +48,14 @@ import ml_collections
 import numpy as np
 
 from moejax import sharding
-from moejax.benchmarking import cpu_count, cpu_name, markdown_table, time_ms, torch_threads
+from moejax.benchmarking import (
+  cpu_count,
+  cpu_name,
+  markdown_table,
+  time_ms,
+  torch_threads,
+  write_rows,
+)
 from moejax.data import BYTE_VOCAB_SIZE
 from moejax.models import ModelConfig
 from moejax.train.trainer import Trainer, build_model_config
@@ -462,10 +467,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     f"moejax/hf = ratio of tokens/s"
   )
   print(format_table(rows, header))
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-      json.dump(rows, fh, indent=2)
+  write_rows(args.out, rows)
   return rows
 
 

@@ -7,6 +7,7 @@ timed test assertions.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import statistics
@@ -76,3 +77,12 @@ def markdown_table(
   for row in rows:
     lines.append("| " + " | ".join(cell(row[key], fmt) for _, key, fmt in columns) + " |")
   return "\n".join(lines)
+
+
+def write_rows(path: str | None, rows: Sequence[dict[str, Any]]) -> None:
+  """Writes a benchmark's rows as a JSON list to `path` (creating its folder); None writes nothing."""
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as fh:
+    json.dump(list(rows), fh, indent=2)

@@ -72,10 +72,13 @@ def test_greedy_generation_equals_recomputing_the_sequence(scan_layers):
   out = np.asarray(generate(model, prompt, max_new_tokens=8))
   assert out.shape == (2, 13)
   np.testing.assert_array_equal(out[:, :5], prompt)
-  seq = np.asarray(prompt)
-  for _ in range(8):  # no cache: run the whole sequence, take the argmax of the last position
-    logits, _ = model(jnp.asarray(seq))
-    seq = np.concatenate([seq, np.asarray(jnp.argmax(logits[:, -1], -1))[:, None]], axis=1)
+  # No cache: run the whole (right-padded, causal) sequence, take the argmax at the last real token.
+  graphdef, state = nnx.split(model)
+  full = jax.jit(lambda state, seq: nnx.merge(graphdef, state)(seq)[0])
+  seq = np.zeros((2, 13), np.int32)
+  seq[:, :5] = prompt
+  for n in range(5, 13):
+    seq[:, n] = np.asarray(jnp.argmax(full(state, jnp.asarray(seq))[:, n - 1], -1))
   np.testing.assert_array_equal(out, seq)
 
 
