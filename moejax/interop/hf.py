@@ -359,7 +359,7 @@ def _check(ckpt: _Checkpoint, sources: dict, shapes: dict, model_type: str, conf
     )
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
   if not path.is_dir():
     raise FileNotFoundError(f"{path} is not a directory (expected a local Hugging Face model dir)")
   file = path / "config.json"
@@ -392,7 +392,7 @@ def load_hf(
   unsupported config field, or a tensor that is missing, unexpected or of the wrong shape.
   """
   path = Path(path)
-  hf = _read_config(path)
+  hf = read_config(path)
   model_type = hf.get("model_type")
   if model_type not in SUPPORTED_MODEL_TYPES:
     raise ValueError(

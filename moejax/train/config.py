@@ -202,6 +202,9 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=10,
       # Seed of parameters, data order and router noise.
       seed=0,
+      # Start from a Hugging Face checkpoint directory (moejax.interop.load_hf): its config.json
+      # replaces config.model (only config.model.param_dtype is kept); None: random initialisation.
+      init_from_hf=config_dict.placeholder(str),
       # Show a progress bar.
       progress_bar=True,
       # Write plots at the end of training.

@@ -44,7 +44,20 @@ def rules_from_config(config: ml_collections.ConfigDict) -> dict:
 
 
 def build_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-  """ModelConfig from `config.model`, the vocabulary taken from the tokenizer when unset."""
+  """ModelConfig from `config.model`, the vocabulary taken from the tokenizer when unset; from the
+  checkpoint's config.json with `config.train.init_from_hf`."""
+  hf_path = config.train.get("init_from_hf")
+  if hf_path:
+    from moejax.interop import config_from_hf
+    from moejax.interop.hf import read_config
+
+    model_config = config_from_hf(read_config(Path(hf_path)), dtype=config.model.param_dtype)
+    if model_config.vocab_size < vocab_size:
+      raise ValueError(
+        f"config.train.init_from_hf={hf_path!r}: the checkpoint's vocab_size "
+        f"{model_config.vocab_size} is smaller than the tokenizer's {vocab_size}"
+      )
+    return model_config
   model = config.model.copy_and_resolve_references()
   if model.vocab_size is None:
     model.vocab_size = vocab_size
@@ -64,6 +77,7 @@ class Trainer:
 
   def __init__(self, config: ml_collections.ConfigDict, model_config: ModelConfig, mesh):
     self.config = config
+    self.model_config = model_config
     self.mesh = mesh
     self.rules = rules_from_config(config)
     self.tx, self.schedule = make_optimizer(config.train)
@@ -119,6 +133,24 @@ class Trainer:
   def init(self):
     with self.context():
       return self._init()
+
+  def init_from_hf(self, path: str | Path, rest):
+    """(params, rest, opt_state) starting from a Hugging Face checkpoint: its parameters and
+    aux-loss-free biases, this run's router-noise RNG state, a fresh optimizer state."""
+    from moejax.interop import load_hf
+    from moejax.moe import AuxFreeBias
+
+    c = self.model_config
+    loaded, _ = load_hf(path, dtype=c.param_dtype, scan_layers=c.scan_layers)
+    _, params, _ = nnx.split(loaded, nnx.Param, ...)
+    model = nnx.merge(self.graphdef, params, rest)
+    nnx.update(model, nnx.state(loaded, AuxFreeBias))
+    _, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.device_put(params, self.param_shardings)
+    rest = jax.device_put(rest, self.rest_shardings)
+    with self.context():
+      opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
+    return params, rest, opt_state
 
   def _step(self, params, rest, opt_state, batch):
     graphdef = self.graphdef
@@ -208,6 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   train_iter = datasets.train_iter()
   params, rest, opt_state = trainer.init()
   start_step = checkpointer.latest_step() or 0
+  if not start_step and t.get("init_from_hf"):
+    params, rest, opt_state = trainer.init_from_hf(t.init_from_hf, rest)
   if start_step:
     (params, rest, opt_state), data_state = checkpointer.restore(
       start_step, (params, rest, opt_state)
