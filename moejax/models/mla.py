@@ -76,30 +76,23 @@ class MLA(nnx.Module):
       dim, eps=MLA_NORM_EPS, dtype=c.dtype, param_dtype=c.param_dtype, logical_axes=(None,)
     )
     if c.q_lora_rank is None:
-      self.q_proj = Projection((d, h, a_qk), QKV_AXES, num_in=1, einsum="bsd,dha->bsha", **kw)
+      self.q_proj = Projection((d, h, a_qk), QKV_AXES, num_in=1, **kw)
       self.q_a_proj = self.q_a_norm = self.q_b_proj = None
     else:
       r_q = c.q_lora_rank
       self.q_proj = None
-      self.q_a_proj = Projection((d, r_q), ("embed", None), num_in=1, einsum="bsd,dr->bsr", **kw)
+      self.q_a_proj = Projection((d, r_q), ("embed", None), num_in=1, **kw)
       self.q_a_norm = norm(r_q)
-      self.q_b_proj = Projection(
-        (r_q, h, a_qk), (None, "heads", "kv"), num_in=1, einsum="bsr,rha->bsha", **kw
-      )
-    self.kv_a_proj = Projection(
-      (d, self.kv_rank + self.rope_dim), ("embed", None), num_in=1, einsum="bsd,dr->bsr", **kw
-    )
+      self.q_b_proj = Projection((r_q, h, a_qk), (None, "heads", "kv"), num_in=1, **kw)
+    self.kv_a_proj = Projection((d, self.kv_rank + self.rope_dim), ("embed", None), num_in=1, **kw)
     self.kv_a_norm = norm(self.kv_rank)
     self.kv_b_proj = Projection(
       (self.kv_rank, h, self.nope_dim + self.v_dim),
       (None, "heads", "kv"),
       num_in=1,
-      einsum="btr,rha->btha",
       **kw,
     )
-    self.o_proj = Projection(
-      (h, self.v_dim, d), ("heads", "kv", "embed"), num_in=2, einsum="bsha,had->bsd", **kw
-    )
+    self.o_proj = Projection((h, self.v_dim, d), ("heads", "kv", "embed"), num_in=2, **kw)
     self.num_heads = h
     self.scale = a_qk**-0.5 * yarn_softmax_scale(c.rope_scaling)
     self.rope_theta = c.rope_theta
