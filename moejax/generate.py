@@ -25,6 +25,8 @@ whole batch, so their decoding differs from a full forward pass.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,13 +110,9 @@ def generate(
   return run(state, prompt, mask, rng)
 
 
-_CACHE: dict = {}
-
-
+@functools.lru_cache(maxsize=32)
 def _compiled(graphdef, b, s0, n, temperature, top_k, top_p, eos_id, pad_id):
-  key = (graphdef, b, s0, n, temperature, top_k, top_p, eos_id, pad_id)
-  if key in _CACHE:
-    return _CACHE[key]
+  """The jitted prefill + decode loop for one model graph and one set of static settings."""
   sample = lambda logits, rng: sample_logits(
     logits, rng, temperature=temperature, top_k=top_k, top_p=top_p
   )
@@ -146,7 +144,6 @@ def _compiled(graphdef, b, s0, n, temperature, top_k, top_p, eos_id, pad_id):
     out, *_ = jax.lax.fori_loop(1, n, step, (out, cache, position, done, rng))
     return jnp.concatenate([prompt, out], axis=1)
 
-  _CACHE[key] = run
   return run
 
 

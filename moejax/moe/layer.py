@@ -111,6 +111,8 @@ class MoE(nnx.Module):
         # choice still lets experts pick padding; mask its inputs out upstream if that matters.)
         real = routing.mask & (tmask[:, None] > 0)  # [T, K]
         routing = routing._replace(mask=real, weights=jnp.where(real, routing.weights, 0.0))
+    # The (token, slot) pairs of real tokens: what the losses, loads and dropped fraction count.
+    slots = routing.mask if tmask is None else routing.mask & (tmask[:, None] > 0)  # [T, K]
     cap = routing.capacity
     if c.dispatch == "capacity" and cap is None:
       cap = c.capacity(b * s)
@@ -125,8 +127,7 @@ class MoE(nnx.Module):
     else:
       y, stats = dispatch.capacity(xt, routing, self.experts.batched, cap, tmask)
     if "device_load" not in stats:  # one device computes every copy and moves nothing
-      used = routing.mask if tmask is None else routing.mask & (tmask[:, None] > 0)
-      computed = jnp.round(jnp.sum(used) * (1.0 - stats["dropped_fraction"]))
+      computed = jnp.round(jnp.sum(slots) * (1.0 - stats["dropped_fraction"]))
       stats |= {
         "device_load": computed.astype(jnp.float32)[None],
         "native_device_load": computed.astype(jnp.float32)[None],
@@ -137,7 +138,6 @@ class MoE(nnx.Module):
         y = y + self.shared_experts(xt)
 
     counts = losses.expert_counts(routing, tmask)  # [E]
-    slots = routing.mask if tmask is None else routing.mask & (tmask[:, None] > 0)
     n_tokens = b * s if tmask is None else jnp.maximum(jnp.sum(tmask), 1)
     aux = {
       "load_balance_loss": losses.load_balance_loss(routing, tmask),
