@@ -70,7 +70,7 @@ from moejax.benchmarking import (  # noqa: E402
   cpu_count,
   cpu_name,
   markdown_table,
-  time_ms,
+  time_call,
   write_rows,
 )
 from moejax.moe import MoE, MoEConfig  # noqa: E402
@@ -149,17 +149,16 @@ def bench_layer(
     return jnp.sum(y * cot), (y, aux)
 
   step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
-  out = []
-  run = lambda: out.append(jax.block_until_ready(step(params, x, cot)))
+  run = lambda: jax.block_until_ready(step(params, x, cot))
   if mesh is None:
-    ms = time_ms(run, repeats=repeats, warmup=warmup)
+    ms, out = time_call(run, repeats=repeats, warmup=warmup)
   else:
     params = jax.device_put(params, sharding.state_shardings(params, mesh))
     tokens = NamedSharding(mesh, P(("data", "fsdp", "expert")))  # batch over the token axes
     x, cot = jax.device_put((x, cot), tokens)
     with jax.set_mesh(mesh):
-      ms = time_ms(run, repeats=repeats, warmup=warmup)
-  (_, (y, aux)), grads = out[-1]
+      ms, out = time_call(run, repeats=repeats, warmup=warmup)
+  (_, (y, aux)), grads = out
   return {
     "ms": ms,
     "y": np.asarray(y),

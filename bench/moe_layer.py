@@ -36,6 +36,7 @@ from moejax.benchmarking import (
   cpu_count,
   cpu_name,
   markdown_table,
+  time_call,
   time_ms,
   torch_threads,
   write_rows,
@@ -62,10 +63,8 @@ def bench_moejax(
     return jnp.sum(y * cot), y
 
   step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
-  out = []
-  run = lambda: out.append(jax.block_until_ready(step(params, x, cot)))
-  ms = time_ms(run, repeats=repeats, warmup=warmup)
-  (_, y), _ = out[-1]
+  run = lambda: jax.block_until_ready(step(params, x, cot))
+  ms, ((_, y), _) = time_call(run, repeats=repeats, warmup=warmup)
   return ms, np.asarray(y)
 
 
@@ -98,17 +97,16 @@ def _to_torch(a) -> Any:
 def _time_torch(module: Any, x: jax.Array, cot: jax.Array, *, repeats: int, warmup: int):
   """Times forward + `sum(y * cot).backward()` of a torch module; returns (ms, y)."""
   x_t, cot_t = _to_torch(x).requires_grad_(True), _to_torch(cot)
-  out = []
 
   def run():
     module.zero_grad(set_to_none=True)  # fresh gradient buffers every call, as JAX makes them
     x_t.grad = None
     y = module(x_t)
     (y * cot_t).sum().backward()
-    out.append(y.detach())
+    return y.detach()
 
-  ms = time_ms(run, repeats=repeats, warmup=warmup)
-  return ms, out[-1].numpy()
+  ms, y = time_call(run, repeats=repeats, warmup=warmup)
+  return ms, y.numpy()
 
 
 def bench_hf(

@@ -52,6 +52,7 @@ from moejax.benchmarking import (
   cpu_count,
   cpu_name,
   markdown_table,
+  time_call,
   time_ms,
   torch_threads,
   write_rows,
@@ -297,7 +298,6 @@ def bench_hf(
       (torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long()) for b in batches
     ]
     batch_iter = itertools.cycle(torch_batches)
-    out = []
 
     def run():
       inputs, targets = next(batch_iter)
@@ -309,10 +309,9 @@ def bench_hf(
       if t.grad_clip and t.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), float(t.grad_clip))
       optimizer.step()
-      out.append(output)
+      return output
 
-    ms = time_ms(run, repeats=repeats, warmup=warmup)
-  last = out[-1]
+    ms, last = time_call(run, repeats=repeats, warmup=warmup)
   lm_loss = last.loss.item() - model.config.router_aux_loss_coef * last.aux_loss.item()
   return {
     "ms": ms,

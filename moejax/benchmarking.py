@@ -35,19 +35,31 @@ def cpu_name() -> str:
   return platform.processor() or platform.machine()
 
 
-def time_ms(fn: Callable[[], Any], *, repeats: int, warmup: int) -> float:
-  """Median wall time of `fn()` in milliseconds; `fn` must block until its results are ready.
+def time_call(fn: Callable[[], Any], *, repeats: int, warmup: int) -> tuple[float, Any]:
+  """(median wall time of `fn()` in milliseconds, the last call's result).
 
-  The first call (compilation for a jitted step) and `warmup` more calls are not timed.
+  `fn` must block until its results are ready. The first call (compilation for a jitted step) and
+  `warmup` more calls are not timed. Only the latest result is kept alive: holding every call's
+  outputs would grow memory by one step's outputs per call (at E=128 an MoE layer's weight
+  gradients alone are 805 MB) and make every call fault in fresh pages, which the timings would
+  then include.
   """
+  result = None
   for _ in range(1 + warmup):
-    fn()
+    result = None  # freed before the next call allocates its outputs
+    result = fn()
   times = []
   for _ in range(repeats):
+    result = None
     start = time.perf_counter()
-    fn()
+    result = fn()
     times.append((time.perf_counter() - start) * 1e3)
-  return statistics.median(times)
+  return statistics.median(times), result
+
+
+def time_ms(fn: Callable[[], Any], *, repeats: int, warmup: int) -> float:
+  """Median wall time of `fn()` in milliseconds (see `time_call`)."""
+  return time_call(fn, repeats=repeats, warmup=warmup)[0]
 
 
 @contextlib.contextmanager
