@@ -65,7 +65,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from moejax import sharding  # noqa: E402
+from moejax import hostmem, sharding  # noqa: E402
 from moejax.benchmarking import (  # noqa: E402
   cpu_count,
   cpu_name,
@@ -247,6 +247,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   args = parse_args(argv)
+  hostmem.retain_host_memory()  # reuse freed buffers across steps, for JAX and PyTorch alike
   meshes = parse_meshes(args.meshes)
   if jax.device_count() < NUM_DEVICES:
     raise RuntimeError(

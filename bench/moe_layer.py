@@ -1,9 +1,9 @@
 """MoE layer forward+backward on CPU: moejax vs a dense SwiGLU of equal FLOPs vs transformers' Mixtral.
 
-    python bench/moe_layer.py --out runs/bench_moe_layer.json
+    python bench/moe_layer.py --out runs/bench_moe_layer.json   # and the plot bench_moe_layer.png
 
-Defaults: float32, T=4096 tokens, D=512, expert hidden F=1024, top-2, E in {8, 32, 128}. For every E,
-one process measures, one after the other:
+Defaults: T=4096 tokens, D=512, expert hidden F=1024, top-2, E in {8, 32, 128, 256}, float32 and
+bfloat16 (`--dtypes`). For every (dtype, E), one process measures, one after the other:
 
 - `moejax`: `moejax.moe.MoE` (dropless dispatch, `gmm_backend="auto"` unless told otherwise);
 - `capacity`: the same layer with capacity dispatch, capacity_factor=1.0 (reference column);
@@ -14,16 +14,37 @@ one process measures, one after the other:
   (`hf/dense` mixes PyTorch's and XLA's matmuls).
 
 "forward+backward" is the gradient of sum(y * cot) with respect to every parameter and the input x.
-Each JAX step is one `jax.jit`; the first call (compile) and `--warmup` further calls are not
-timed; the table reports the median of `--repeats` timed calls in milliseconds. PyTorch runs with
-`torch.set_num_threads` set to the cores XLA:CPU uses, so both frameworks get the same cores.
+Each JAX step is one `jax.jit`, compiled ahead of time (`.lower(...).compile()`); its first call and
+`--warmup` further calls are not timed; the table reports the median of `--repeats` timed calls in
+milliseconds. PyTorch runs with `torch.set_num_threads` set to the cores XLA:CPU uses, so both
+frameworks get the same cores.
+
+A bfloat16 row holds the parameters, x, the cotangent and the activations in bfloat16 in all four
+implementations (`MoEConfig(dtype=param_dtype=bfloat16)`, `module.to(torch.bfloat16)`); moejax's
+router computes in float32 regardless, as does Mixtral's softmax (its router logits are bfloat16).
+`max abs(y - y_hf)` is taken in float32 from the two outputs of the row's dtype, so a bfloat16
+row reads against bfloat16's resolution (2^-8 relative), not float32's; and since Mixtral rounds
+its router logits to bfloat16 before the softmax, a near-tie between two experts can send a token
+to another expert than moejax's float32 router does, which puts an O(|y|) difference in that row.
+
+Peak memory (`*_peak_mib`, MiB) is XLA's buffer-assignment peak of the compiled forward+backward
+step, from `Compiled.memory_analysis()`: argument + output + temporary bytes - aliased bytes, the
+live bytes of the step (its inputs, including the parameters; its outputs, including the
+gradients; and the temporaries such as the saved activations). It is measured for the JAX steps
+(moejax, dense, capacity), not for PyTorch; `moejax_peak/dense_peak` compares the layer with the
+dense FFN of the same active FLOPs.
+
+Options beyond the shapes: `--dtypes float32,bfloat16`; `--plot FILE.png` draws time against E
+(log2 axis) at fixed active FLOPs, one panel per dtype, for moejax, transformers, the dense FFNs and
+capacity dispatch (default: the `--out` path with `.png`; `--plot none` draws nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -32,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from moejax import hostmem
 from moejax.benchmarking import (
   cpu_count,
   cpu_name,
@@ -50,31 +72,57 @@ from moejax.moe import MoE, MoEConfig
 # loop over experts, so the config names the implementation explicitly.
 HF_EXPERTS_DEFAULT = "grouped_mm"
 HF_EXPERTS = ("grouped_mm", "eager", "batched_mm")
+# The dtypes a row can run in: name -> JAX dtype (PyTorch's has the same name).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def peak_mib(compiled: jax.stages.Compiled) -> float | None:
+  """XLA's buffer-assignment peak of a compiled step in MiB: argument + output + temporary bytes
+  - aliased bytes (None where the backend reports no memory analysis).
+
+  Not `peak_memory_in_bytes`: on XLA:CPU (jax 0.10.2) that field comes out at about the argument +
+  output bytes, leaving out the temporaries that hold the saved activations.
+  """
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  live = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+  return (live - m.alias_size_in_bytes) / 2**20
+
+
+def _compile(fn: Callable, *args) -> tuple[jax.stages.Compiled, float | None]:
+  """`jax.jit(fn)` compiled for `args`, and its peak memory in MiB (see `peak_mib`)."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  return compiled, peak_mib(compiled)
 
 
 def bench_moejax(
   layer: MoE, x: jax.Array, cot: jax.Array, *, repeats: int, warmup: int
-) -> tuple[float, np.ndarray]:
-  """Times the jitted forward+backward of `layer` on x [B, S, D]; returns (ms, y [B, S, D])."""
+) -> tuple[float, np.ndarray, float | None]:
+  """Times the jitted forward+backward of `layer` on x [B, S, D]; returns (ms, y [B, S, D] as
+  float32, peak MiB)."""
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
   def loss_fn(params, x, cot):
     y, _ = nnx.merge(graphdef, params, rest)(x)  # aux losses are unused, so XLA drops them
     return jnp.sum(y * cot), y
 
-  step = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
+  step, peak = _compile(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True), params, x, cot)
   run = lambda: jax.block_until_ready(step(params, x, cot))
   ms, ((_, y), _) = time_call(run, repeats=repeats, warmup=warmup)
-  return ms, np.asarray(y)
+  return ms, np.asarray(y, np.float32), peak
 
 
 def bench_dense(
   x: jax.Array, cot: jax.Array, hidden: int, *, repeats: int, warmup: int, seed: int = 0
-) -> float:
-  """Times forward+backward of a dense SwiGLU FFN D -> hidden -> D on x [B, S, D]."""
+) -> tuple[float, float | None]:
+  """Times forward+backward of a dense SwiGLU FFN D -> hidden -> D on x [B, S, D], with parameters
+  in x's dtype; returns (ms, peak MiB)."""
   d = x.shape[-1]
   rng = np.random.default_rng(seed)  # numpy, not jax.random: eager jax ops each compile
-  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32) / np.sqrt(shape[0]))
+  normal = lambda *shape: jnp.asarray(
+    rng.standard_normal(shape, np.float32) / np.sqrt(shape[0]), x.dtype
+  )
   params = {"w_gate": normal(d, hidden), "w_up": normal(d, hidden), "w_down": normal(hidden, d)}
 
   def loss_fn(p, x, cot):
@@ -82,21 +130,29 @@ def bench_dense(
     y = (jax.nn.silu(x @ p["w_gate"]) * (x @ p["w_up"])) @ p["w_down"]  # [T, D]
     return jnp.sum(y * cot.reshape(-1, d))
 
-  step = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))
-  return time_ms(
-    lambda: jax.block_until_ready(step(params, x, cot)), repeats=repeats, warmup=warmup
-  )
+  step, peak = _compile(jax.grad(loss_fn, argnums=(0, 1)), params, x, cot)
+  ms = time_ms(lambda: jax.block_until_ready(step(params, x, cot)), repeats=repeats, warmup=warmup)
+  return ms, peak
 
 
-def _to_torch(a) -> Any:
+def _torch_dtype(dtype) -> Any:
   import torch
 
-  return torch.from_numpy(np.array(a, np.float32))  # a writable float32 copy
+  return getattr(torch, np.dtype(dtype).name)  # float32 -> torch.float32, bfloat16 -> ...
+
+
+def _to_torch(a, dtype=None) -> Any:
+  """A writable copy of `a` as a torch tensor of `dtype` (default float32), through float32."""
+  import torch
+
+  return torch.from_numpy(np.array(a, np.float32)).to(dtype or torch.float32)
 
 
 def _time_torch(module: Any, x: jax.Array, cot: jax.Array, *, repeats: int, warmup: int):
-  """Times forward + `sum(y * cot).backward()` of a torch module; returns (ms, y)."""
-  x_t, cot_t = _to_torch(x).requires_grad_(True), _to_torch(cot)
+  """Times forward + `sum(y * cot).backward()` of a torch module on x and cot in their own dtype
+  (the module must hold that dtype); returns (ms, y as float32 numpy)."""
+  dtype = _torch_dtype(x.dtype)
+  x_t, cot_t = _to_torch(x, dtype).requires_grad_(True), _to_torch(cot, dtype)
 
   def run():
     module.zero_grad(set_to_none=True)  # fresh gradient buffers every call, as JAX makes them
@@ -106,7 +162,7 @@ def _time_torch(module: Any, x: jax.Array, cot: jax.Array, *, repeats: int, warm
     return y.detach()
 
   ms, y = time_call(run, repeats=repeats, warmup=warmup)
-  return ms, y.numpy()
+  return ms, y.float().numpy()
 
 
 def bench_hf(
@@ -120,7 +176,7 @@ def bench_hf(
   experts_implementation: str = HF_EXPERTS_DEFAULT,
 ) -> tuple[float, np.ndarray]:
   """Times forward + `loss.backward()` of transformers' `MixtralSparseMoeBlock` holding the weights
-  of the (softmax top-k, SwiGLU) moejax `layer`; returns (ms, y [B, S, D]).
+  of the (softmax top-k, SwiGLU) moejax `layer`, in x's dtype; returns (ms, y [B, S, D] float32).
 
   The block is used as transformers ships it; only its experts implementation is named (see
   `HF_EXPERTS_DEFAULT`). It returns the hidden states alone (router logits are not an output).
@@ -140,9 +196,10 @@ def bench_hf(
     experts_implementation=experts_implementation,
   )
   with torch_threads(threads):
-    block = MixtralSparseMoeBlock(config).float().train()
+    block = MixtralSparseMoeBlock(config).to(_torch_dtype(x.dtype)).train()
     # Its parameters are created with torch.empty; copy moejax's into Mixtral's layout:
-    # router [E, D]; gate_up_proj [E, 2F, D], gate rows first; down_proj [E, D, F].
+    # router [E, D]; gate_up_proj [E, 2F, D], gate rows first; down_proj [E, D, F]. (`copy_` casts
+    # to the block's dtype; the values are the layer's own, so they round to themselves.)
     w_gate, w_up = np.asarray(layer.experts.w_gate[...]), np.asarray(layer.experts.w_up[...])
     with torch.no_grad():
       block.gate.weight.copy_(_to_torch(np.asarray(layer.router.kernel[...]).T))
@@ -158,8 +215,8 @@ def bench_hf(
 def bench_torch_dense(
   x: jax.Array, cot: jax.Array, hidden: int, *, repeats: int, warmup: int, threads: int
 ) -> float:
-  """Times forward+backward of the dense SwiGLU FFN in PyTorch: the dense bar on torch's own
-  matmuls, so that hf/torch_dense compares like with like."""
+  """Times forward+backward of the dense SwiGLU FFN in PyTorch, in x's dtype: the dense bar on
+  torch's own matmuls, so that hf/torch_dense compares like with like."""
   import torch
 
   class SwiGLU(torch.nn.Module):
@@ -175,7 +232,8 @@ def bench_torch_dense(
 
   with torch_threads(threads):
     torch.manual_seed(0)
-    ms, _ = _time_torch(SwiGLU(x.shape[-1], hidden), x, cot, repeats=repeats, warmup=warmup)
+    module = SwiGLU(x.shape[-1], hidden).to(_torch_dtype(x.dtype))
+    ms, _ = _time_torch(module, x, cot, repeats=repeats, warmup=warmup)
   return ms
 
 
@@ -192,6 +250,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def format_table(rows: list[dict[str, Any]], header: str) -> str:
   columns = [
     ("E", "E", "d"),
+    ("dtype", "dtype", "s"),
     ("moejax_ms", "moejax_ms", ".1f"),
     ("dense_ms", "dense_ms", ".1f"),
     ("hf_ms", "hf_ms", ".1f"),
@@ -202,20 +261,75 @@ def format_table(rows: list[dict[str, Any]], header: str) -> str:
     ("capacity/dense", "capacity_over_dense", ".2f"),
     ("hf/torch_dense", "hf_over_torch_dense", ".2f"),
     ("moejax/hf", "moejax_over_hf", ".2f"),
+    ("moejax_peak_mib", "moejax_peak_mib", ".1f"),
+    ("dense_peak_mib", "dense_peak_mib", ".1f"),
+    ("capacity_peak_mib", "capacity_peak_mib", ".1f"),
+    ("moejax_peak/dense_peak", "moejax_peak_over_dense_peak", ".2f"),
     ("max abs(y - y_hf)", "hf_max_abs_diff", ".1e"),
   ]
   return markdown_table(rows, columns, header)
 
 
+# (row key, label, matplotlib format) of the plotted lines, in legend order; fixed colours, so a
+# line keeps its colour whichever columns ran.
+_PLOT_LINES = (
+  ("moejax_ms", "moejax ({dispatch})", "o-C0"),
+  ("capacity_ms", "moejax capacity (factor {capacity_factor:g})", "s-C1"),
+  ("hf_ms", "transformers Mixtral block ({hf_experts})", "^-C2"),
+  ("dense_ms", "dense SwiGLU, JAX (hidden K*F)", "--k"),
+  ("torch_dense_ms", "dense SwiGLU, PyTorch (hidden K*F)", "--C3"),
+)
+
+
+def plot_scaling(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+  """Draws forward+backward time against E at fixed active FLOPs to the PNG `path`.
+
+  One panel per dtype (in the rows' order): x is E on a log2 axis with a tick at every measured E,
+  y the median ms on a log axis; one line per implementation measured (columns that were skipped,
+  all None, are left out).
+  """
+  from matplotlib.figure import Figure  # Agg canvas: no display, no pyplot state
+
+  dtypes = list(dict.fromkeys(row["dtype"] for row in rows))
+  fig = Figure(figsize=(5.5 * len(dtypes), 4.2), layout="constrained")
+  axes = fig.subplots(1, len(dtypes), squeeze=False)[0]
+  for ax, dtype in zip(axes, dtypes, strict=True):
+    panel = sorted((row for row in rows if row["dtype"] == dtype), key=lambda row: row["E"])
+    es = [row["E"] for row in panel]
+    for key, label, fmt in _PLOT_LINES:
+      points = [(row["E"], row[key]) for row in panel if row.get(key) is not None]
+      if points:
+        ax.plot(*zip(*points, strict=True), fmt, label=label.format(**panel[0]), markersize=4)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(es, labels=[str(e) for e in es], minor=False)
+    ax.set_xticks([], minor=True)
+    ax.set_yscale("log")
+    ax.set(xlabel="experts E", ylabel="forward+backward (ms, median)", title=dtype)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize="small")
+  first = rows[0]
+  fig.suptitle(
+    f"MoE layer vs E at fixed active FLOPs: T={first['tokens']} D={first['d_model']} "
+    f"F={first['hidden']} top-{first['top_k']} ({first['platform']}, {first['threads']} threads)"
+  )
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  fig.savefig(path, dpi=120)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-  p.add_argument("--experts", default="8,32,128", help="comma-separated numbers of experts E")
+  p.add_argument("--experts", default="8,32,128,256", help="comma-separated numbers of experts E")
+  p.add_argument(
+    "--dtypes", default="float32,bfloat16", help=f"comma-separated, of {', '.join(DTYPES)}"
+  )
   p.add_argument("--tokens", type=int, default=4096, help="tokens T per step (batch 1)")
   p.add_argument("--d-model", type=int, default=512, help="model width D")
   p.add_argument("--hidden", type=int, default=1024, help="hidden width F of each expert")
   p.add_argument("--top-k", type=int, default=2, help="experts per token K")
   p.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported")
-  p.add_argument("--warmup", type=int, default=1, help="untimed calls after the first")
+  p.add_argument(
+    "--warmup", type=int, default=2, help="untimed calls after the first (the heap settles in 2-3)"
+  )
   p.add_argument("--dispatch", default="dropless", choices=("dropless", "capacity"))
   p.add_argument("--backend", default="auto", help="MoEConfig.gmm_backend for dropless dispatch")
   p.add_argument("--capacity-factor", type=float, default=1.0, help="for the capacity column")
@@ -225,21 +339,38 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="write the rows as a JSON list to this file")
-  return p.parse_args(argv)
+  p.add_argument(
+    "--plot",
+    default=None,
+    help="write the time-vs-E plot to this PNG (default: --out with .png; 'none': no plot)",
+  )
+  args = p.parse_args(argv)
+  args.dtypes = [name.strip() for name in args.dtypes.split(",")]
+  for name in args.dtypes:
+    if name not in DTYPES:
+      p.error(f"--dtypes: unknown dtype {name!r}; known dtypes are {', '.join(DTYPES)}")
+  if args.plot is None and args.out:
+    args.plot = os.path.splitext(args.out)[0] + ".png"
+  elif args.plot is not None and args.plot.lower() == "none":
+    args.plot = None
+  return args
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   args = parse_args(argv)
+  # Freed buffers are reused across steps, for JAX and PyTorch alike (see moejax/hostmem.py).
+  host_memory = "retained" if hostmem.retain_host_memory() else "glibc default"
   experts = [int(e) for e in args.experts.split(",")]
   t, d, f, k = args.tokens, args.d_model, args.hidden, args.top_k
   threads = args.threads or cpu_count()
   timing = dict(repeats=args.repeats, warmup=args.warmup)
 
   rng = np.random.default_rng(args.seed + 1)
-  x = jnp.asarray(rng.standard_normal((1, t, d), np.float32))  # [B, S, D]
-  cot = jnp.asarray(rng.standard_normal((1, t, d), np.float32))  # [B, S, D]
+  x32 = rng.standard_normal((1, t, d), np.float32)  # [B, S, D]
+  cot32 = rng.standard_normal((1, t, d), np.float32)  # [B, S, D]
 
   versions = f"jax {jax.__version__}, flax {flax.__version__}"
+  versions_note = f"; host memory {host_memory}"
   if not args.skip_hf:
     import torch
     import transformers
@@ -247,73 +378,92 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     versions += f", torch {torch.__version__}, transformers {transformers.__version__}"
   devices = jax.devices()
   header = (
-    f"MoE layer forward+backward, float32, T={t} D={d} F={f} top-{k}, dense SwiGLU hidden "
-    f"{k * f}; {devices[0].platform} x{len(devices)} ({cpu_name()}); {versions}; "
+    f"MoE layer forward+backward, {', '.join(args.dtypes)}, T={t} D={d} F={f} top-{k}, dense "
+    f"SwiGLU hidden {k * f}; {devices[0].platform} x{len(devices)} ({cpu_name()}); {versions}{versions_note}; "
     f"threads: XLA:CPU {cpu_count()} cores, torch.set_num_threads({threads}); "
     f"moejax dispatch={args.dispatch} gmm_backend={args.backend}, capacity_factor="
     f"{args.capacity_factor}; hf experts_implementation={args.hf_experts}; median of "
-    f"{args.repeats} after compile + {args.warmup} warm-up, ms"
+    f"{args.repeats} after compile + {args.warmup} warm-up, ms; peak: XLA buffer assignment of "
+    f"the JAX step (arguments + outputs + temporaries), MiB"
   )
 
   rows = []
-  for e in experts:
-    config = MoEConfig(
-      d_model=d,
-      num_experts=e,
-      top_k=k,
-      expert_hidden_dim=f,
-      dispatch=args.dispatch,
-      gmm_backend=args.backend,
-      capacity_factor=args.capacity_factor,
-    )
-    layer = MoE(config, rngs=nnx.Rngs(args.seed))
-    dense_ms = bench_dense(x, cot, k * f, seed=args.seed, **timing)
-    moejax_ms, y = bench_moejax(layer, x, cot, **timing)
-    capacity_ms = None
-    if not args.skip_capacity:
-      capacity_layer = _with_config(layer, config.replace(dispatch="capacity"))
-      capacity_ms, _ = bench_moejax(capacity_layer, x, cot, **timing)
-    hf_ms = hf_diff = torch_dense_ms = None
-    if not args.skip_hf:
-      hf_ms, y_hf = bench_hf(
-        layer, x, cot, threads=threads, experts_implementation=args.hf_experts, **timing
+  for name in args.dtypes:
+    dtype = DTYPES[name]
+    # The same values in every dtype (rounded to it), so the rows differ by precision alone.
+    x, cot = jnp.asarray(x32, dtype), jnp.asarray(cot32, dtype)
+    for e in experts:
+      config = MoEConfig(
+        d_model=d,
+        num_experts=e,
+        top_k=k,
+        expert_hidden_dim=f,
+        dispatch=args.dispatch,
+        gmm_backend=args.backend,
+        capacity_factor=args.capacity_factor,
+        dtype=dtype,
+        param_dtype=dtype,
       )
-      hf_diff = float(np.max(np.abs(y - y_hf)))
-      torch_dense_ms = bench_torch_dense(x, cot, k * f, threads=threads, **timing)
-    rows.append(
-      {
-        "E": e,
-        "moejax_ms": moejax_ms,
-        "dense_ms": dense_ms,
-        "hf_ms": hf_ms,
-        "capacity_ms": capacity_ms,
-        "moejax_over_dense": moejax_ms / dense_ms,
-        "hf_over_dense": _ratio(hf_ms, dense_ms),
-        "capacity_over_dense": _ratio(capacity_ms, dense_ms),
-        "torch_dense_ms": torch_dense_ms,
-        "hf_over_torch_dense": _ratio(hf_ms, torch_dense_ms),
-        "moejax_over_hf": _ratio(moejax_ms, hf_ms),
-        "hf_max_abs_diff": hf_diff,
-        "tokens": t,
-        "d_model": d,
-        "hidden": f,
-        "top_k": k,
-        "dtype": "float32",
-        "dispatch": args.dispatch,
-        "backend": args.backend,
-        "capacity_factor": args.capacity_factor,
-        "hf_experts": None if args.skip_hf else args.hf_experts,
-        "threads": threads,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
-        "platform": devices[0].platform,
-        "versions": versions,
-      }
-    )
-    print(f"E={e}: moejax {moejax_ms:.1f} ms, dense {dense_ms:.1f} ms", file=sys.stderr, flush=True)
+      layer = MoE(config, rngs=nnx.Rngs(args.seed))
+      dense_ms, dense_peak = bench_dense(x, cot, k * f, seed=args.seed, **timing)
+      moejax_ms, y, moejax_peak = bench_moejax(layer, x, cot, **timing)
+      capacity_ms = capacity_peak = None
+      if not args.skip_capacity:
+        capacity_layer = _with_config(layer, config.replace(dispatch="capacity"))
+        capacity_ms, _, capacity_peak = bench_moejax(capacity_layer, x, cot, **timing)
+      hf_ms = hf_diff = torch_dense_ms = None
+      if not args.skip_hf:
+        hf_ms, y_hf = bench_hf(
+          layer, x, cot, threads=threads, experts_implementation=args.hf_experts, **timing
+        )
+        hf_diff = float(np.max(np.abs(y - y_hf)))  # both float32 copies of the row-dtype outputs
+        torch_dense_ms = bench_torch_dense(x, cot, k * f, threads=threads, **timing)
+      rows.append(
+        {
+          "E": e,
+          "dtype": name,
+          "moejax_ms": moejax_ms,
+          "dense_ms": dense_ms,
+          "hf_ms": hf_ms,
+          "capacity_ms": capacity_ms,
+          "moejax_over_dense": moejax_ms / dense_ms,
+          "hf_over_dense": _ratio(hf_ms, dense_ms),
+          "capacity_over_dense": _ratio(capacity_ms, dense_ms),
+          "torch_dense_ms": torch_dense_ms,
+          "hf_over_torch_dense": _ratio(hf_ms, torch_dense_ms),
+          "moejax_over_hf": _ratio(moejax_ms, hf_ms),
+          "moejax_peak_mib": moejax_peak,
+          "dense_peak_mib": dense_peak,
+          "capacity_peak_mib": capacity_peak,
+          "moejax_peak_over_dense_peak": _ratio(moejax_peak, dense_peak),
+          "hf_max_abs_diff": hf_diff,
+          "tokens": t,
+          "d_model": d,
+          "hidden": f,
+          "top_k": k,
+          "dispatch": args.dispatch,
+          "backend": args.backend,
+          "capacity_factor": args.capacity_factor,
+          "hf_experts": None if args.skip_hf else args.hf_experts,
+          "threads": threads,
+          "host_memory": host_memory,
+          "repeats": args.repeats,
+          "warmup": args.warmup,
+          "platform": devices[0].platform,
+          "versions": versions,
+        }
+      )
+      print(
+        f"E={e} {name}: moejax {moejax_ms:.1f} ms, dense {dense_ms:.1f} ms",
+        file=sys.stderr,
+        flush=True,
+      )
 
   print(format_table(rows, header))
   write_rows(args.out, rows)
+  if args.plot and rows:
+    plot_scaling(rows, args.plot)
+    print(f"plot: {args.plot}", file=sys.stderr, flush=True)
   return rows
 
 

@@ -47,7 +47,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from moejax import sharding
+from moejax import hostmem, sharding
 from moejax.benchmarking import (
   cpu_count,
   cpu_name,
@@ -354,7 +354,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     help="config override applied to every config, e.g. model.num_layers=1 (repeatable)",
   )
   p.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported")
-  p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first")
+  p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
   p.add_argument("--batch-size", type=int, default=None, help="sequences per step (all configs)")
   p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (all configs)")
   p.add_argument(
@@ -376,10 +376,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   args = parse_args(argv)
+  # Freed buffers are reused across steps, for JAX and PyTorch alike (see moejax/hostmem.py).
+  host_memory = "retained" if hostmem.retain_host_memory() else "glibc default"
   threads = args.threads or cpu_count()
   timing = dict(repeats=args.repeats, warmup=args.warmup)
 
   versions = f"jax {jax.__version__}, flax {flax.__version__}"
+  versions_note = f"; host memory {host_memory}"
   if not args.skip_hf:
     import torch
     import transformers
@@ -445,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "overrides": list(args.set),
         "dtype": "float32",
         "threads": threads,
+        "host_memory": host_memory,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "platform": devices[0].platform,
@@ -460,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     )
   header = (
     f"Training step (fwd + bwd + clip + AdamW), float32, random tokens; {devices[0].platform} "
-    f"x{len(devices)} ({cpu_name()}); {versions}; threads: XLA:CPU {cpu_count()} cores, "
+    f"x{len(devices)} ({cpu_name()}); {versions}{versions_note}; threads: XLA:CPU {cpu_count()} cores, "
     f"torch.set_num_threads({threads}); moejax Trainer.train_step (jit, donated state); {hf_desc}; "
     f"median of {args.repeats} after the first + {args.warmup} warm-up steps; "
     f"moejax/hf = ratio of tokens/s"

@@ -198,6 +198,10 @@ def _main(argv) -> None:
 def main() -> None:
   from absl import app, flags
 
+  from moejax import hostmem
+
+  hostmem.retain_host_memory()  # see moejax/hostmem.py (MOEJAX_RETAIN_HOST_MEMORY=0: off)
+
   flags.DEFINE_string("checkpoint", None, "A moejax training workdir (its latest checkpoint).")
   flags.DEFINE_string("hf", None, "A local Hugging Face model directory (config + safetensors).")
   flags.DEFINE_string("prompt", "", "The text to continue.")

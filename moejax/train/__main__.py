@@ -63,6 +63,9 @@ def _main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  from moejax import hostmem
+
+  hostmem.retain_host_memory()  # XLA:CPU reuses its step buffers (MOEJAX_RETAIN_HOST_MEMORY=0: off)
   # Imported here so that --help and flag errors do not pay for importing jax.
   from moejax.train import distributed
 

@@ -38,7 +38,13 @@ CASES = {
 
 # Tile configurations for the cpu kernels, small enough that the test shapes need several tiles
 # per group, partial last tiles, several tile levels and windows shifted back at the array's end.
-CPU_BLOCKS = ((8,), (7, 2, 1), (16, 8, 4, 2))
+# (block_m, head_m) for the cpu kernels: each group's first tile is one of head_m, the rest block_m.
+CPU_BLOCKS = (
+  ((8,), (4,)),
+  ((7, 2, 1), (3, 5)),
+  ((16, 8, 4, 2), (2, 3, 6, 12)),
+  ((8,), cpu.DEFAULT_HEAD_M),
+)
 
 
 def _numpy_gmm(lhs, rhs, group_sizes):
@@ -129,16 +135,15 @@ def test_gmm_forward_and_grads_match_numpy_and_reference(backend, case):
       np.testing.assert_array_equal(drhs[e], 0.0)
 
 
-@pytest.mark.parametrize("block_m", CPU_BLOCKS, ids=str)
-def test_cpu_tiling_matches_numpy(monkeypatch, block_m):
+@pytest.mark.parametrize("block_m, head_m", CPU_BLOCKS, ids=str)
+def test_cpu_tiling_matches_numpy(monkeypatch, block_m, head_m):
   """The cpu kernels with tiles much smaller than the groups, through the public entry point."""
+  tiles = dict(block_m=block_m, head_m=head_m)
   monkeypatch.setitem(
     ops._BACKENDS,
     "cpu_small_tiles",
     ops.Backend(
-      functools.partial(cpu.gmm, block_m=block_m),
-      functools.partial(cpu.tgmm, block_m=block_m),
-      autodiff=False,
+      functools.partial(cpu.gmm, **tiles), functools.partial(cpu.tgmm, **tiles), autodiff=False
     ),
   )
   m, d, f, sizes = CASES["eight_groups_ragged"]
@@ -155,7 +160,7 @@ def test_cpu_tgmm_accumulates_across_tiles_in_float32():
   """bf16 weight gradient summed over 100 tiles: one bf16 rounding at the end, not one per tile."""
   m, d, f = 200, 8, 12
   lhs, _, group_sizes, grad = _inputs(m, d, f, (m,), dtype=jnp.bfloat16, seed=5)
-  out = cpu.tgmm(lhs, grad, group_sizes, block_m=2)
+  out = cpu.tgmm(lhs, grad, group_sizes, block_m=2, head_m=(2,))
   assert out.dtype == jnp.bfloat16
   assert _rel_err(out, _numpy_tgmm(lhs, grad, (m,))) < 2.0**-8
 
@@ -165,7 +170,12 @@ _CPU_JIT_SHAPE = (29, 8, 12, 5)  # M, D, F, E for the property test below
 
 @functools.cache
 def _cpu_gmm_jitted():
-  return jax.jit(functools.partial(cpu.gmm, block_m=(8, 3)))
+  return jax.jit(functools.partial(cpu.gmm, block_m=(8, 3), head_m=(2, 5)))
+
+
+@functools.cache
+def _cpu_tgmm_jitted():
+  return jax.jit(functools.partial(cpu.tgmm, block_m=(8, 3), head_m=(2, 5)))
 
 
 @hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
@@ -180,6 +190,9 @@ def test_cpu_gmm_random_group_sizes(raw_sizes, seed):
   out = _cpu_gmm_jitted()(lhs, rhs, group_sizes)  # one compilation: group_sizes is data
   assert _rel_err(out, _numpy_gmm(lhs, rhs, sizes)) < F32_TOL
   np.testing.assert_array_equal(out[sum(sizes) :], 0.0)
+  grad = jnp.asarray(np.random.default_rng(seed % 1000).standard_normal((m, f)), jnp.float32)
+  dw = _cpu_tgmm_jitted()(lhs, grad, group_sizes)
+  assert _rel_err(dw, _numpy_tgmm(lhs, grad, sizes)) < F32_TOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
