@@ -24,6 +24,10 @@ def get_config(arg=None):
   # Switch's alpha = 0.01 on the load-balance loss normalised to 1.0 when uniform (transformers'
   # router_aux_loss_coef multiplies a loss top_k times larger).
   m.load_balance_coef = 0.01
+  if variant in ("tiny", "small"):
+    # Few layers: unrolled is faster on CPU than a scan, which copies every layer's saved
+    # activations into stacked buffers and back (tiny train step: 404 -> 315 ms on 2 cores).
+    m.scan_layers = False
   if variant == "tiny":
     m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = 128, 4, 4, 2
     m.moe.expert_hidden_dim = 256

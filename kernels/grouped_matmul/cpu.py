@@ -149,26 +149,38 @@ def _for_each_tile(start, end, block_sizes, num_rows, body, carry):
   return carry
 
 
-def _head_tile(start, end, head_sizes, num_rows, body, carry):
+def _head_tile(start, end, head_sizes, num_rows, body, carry, *, switch: bool):
   """Runs `carry = body(at, keep, block, carry)` once, for the group's first tile: the smallest
   of `head_sizes` (ascending) that holds the group's rows [start, end), or the largest if none
-  does. Returns (carry, first row after the tile's share)."""
+  does. Returns (carry, first row after the tile's share).
+
+  `switch=True` picks the size with one `lax.switch`; otherwise each size is a `fori_loop` with a
+  trip count of 0 or 1. A conditional passes its carry in and out by copy, so it suits a small
+  carry (tgmm's [D, F] sum: 10% faster at E=128, saving the per-size scalar ops and loop
+  launches), while a loop updates a large carry (gmm's [M, F] output) in place; switching that
+  one measured 7x slower.
+  """
   n = end - start
   covered = jnp.minimum(n, head_sizes[-1])
+
+  def tile(lo, block, carry):
+    at = jnp.minimum(lo, num_rows - block)
+    rows = at + jnp.arange(block, dtype=at.dtype)  # [block]
+    keep = (rows >= lo) & (rows < jnp.minimum(lo + block, end))
+    return body(at, keep, block, carry)
+
+  if switch:
+    level = sum((covered > size).astype(jnp.int32) for size in head_sizes[:-1])
+    branches = [lambda carry, block=block: tile(start, block, carry) for block in head_sizes]
+    return lax.switch(level, branches, carry), start + covered
   smaller = 0
   for block in head_sizes:
     runs = ((covered > smaller) & (covered <= block)).astype(n.dtype)
-
-    def one_tile(i, carry, block=block):
-      # i is always 0, but the window must depend on it: work that does not depend on the loop
-      # index is hoisted out of the loop by XLA and then runs even when the loop does not.
-      lo = start + i * block
-      at = jnp.minimum(lo, num_rows - block)
-      rows = at + jnp.arange(block, dtype=at.dtype)  # [block]
-      keep = (rows >= lo) & (rows < jnp.minimum(lo + block, end))
-      return body(at, keep, block, carry)
-
-    carry = lax.fori_loop(0, runs, one_tile, carry)
+    # i is always 0, but the window must depend on it: work that does not depend on the loop
+    # index is hoisted out of the loop by XLA and then runs even when the loop does not.
+    carry = lax.fori_loop(
+      0, runs, lambda i, c, block=block: tile(start + i * block, block, c), carry
+    )
     smaller = block
   return carry, start + covered
 
@@ -227,7 +239,7 @@ def gmm(
       new = jnp.where(keep[:, None], y.astype(out_dtype), old)
       return lax.dynamic_update_slice_in_dim(out, new, at, axis=0)
 
-    out, rest = _head_tile(start, end, head_sizes, num_rows, one_tile, out)
+    out, rest = _head_tile(start, end, head_sizes, num_rows, one_tile, out, switch=False)
     return _for_each_tile(rest, end, block_sizes, num_rows, one_tile, out)
 
   return _for_each_group(group_sizes, one_group, out)
@@ -296,7 +308,7 @@ def tgmm(
     def tail(at, keep, block, acc):
       return acc + tile_product(at, keep, block)
 
-    acc, rest = _head_tile(start, end, head_sizes, num_rows, head, acc)
+    acc, rest = _head_tile(start, end, head_sizes, num_rows, head, acc, switch=True)
     acc = _for_each_tile(rest, end, block_sizes, num_rows, tail, acc)
     return lax.dynamic_update_index_in_dim(out, acc.astype(out_dtype), e, axis=0), acc
 
