@@ -34,6 +34,12 @@ gradients; and the temporaries such as the saved activations). It is measured fo
 (moejax, dense, capacity), not for PyTorch; `moejax_peak/dense_peak` compares the layer with the
 dense FFN of the same active FLOPs.
 
+Every (dtype, E) row is measured in a fresh process (`--no-isolate`: all in this one). Run one
+after the other in one process, the layer at E=128 measured 1.2 s in one run and 2.0 s in another,
+after the larger and the PyTorch steps had left the host heap fragmented (moejax.hostmem keeps
+freed memory in the process); in a fresh process the implementations of a row still run one after
+the other (dense, moejax, capacity, transformers, PyTorch dense).
+
 Options beyond the shapes: `--dtypes float32,bfloat16`; `--plot FILE.png` draws time against E
 (log2 axis) at fixed active FLOPs, one panel per dtype, for moejax, transformers, the dense FFNs and
 capacity dispatch (default: the `--out` path with `.png`; `--plot none` draws nothing).
@@ -42,8 +48,11 @@ capacity dispatch (default: the `--out` path with `.png`; `--plot none` draws no
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -340,6 +349,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", default=None, help="write the rows as a JSON list to this file")
   p.add_argument(
+    "--isolate",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="measure every (dtype, E) row in a fresh process (default; see the module docstring)",
+  )
+  p.add_argument(
     "--plot",
     default=None,
     help="write the time-vs-E plot to this PNG (default: --out with .png; 'none': no plot)",
@@ -356,7 +371,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   return args
 
 
+def _rows_in_subprocesses(argv: Sequence[str], args: argparse.Namespace) -> list[dict[str, Any]]:
+  """Runs this script once per (dtype, E) row, each in a fresh process, and returns the rows."""
+  rows = []
+  with tempfile.TemporaryDirectory() as tmp:
+    for name in args.dtypes:
+      for e in args.experts.split(","):
+        out = os.path.join(tmp, f"{name}_{e}.json")
+        # Later options override earlier ones: the row's E and dtype, its own JSON, no plot.
+        cmd = [sys.executable, os.path.abspath(__file__), *argv]
+        cmd += ["--experts", e, "--dtypes", name, "--no-isolate", "--out", out, "--plot", "none"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        with open(out) as f:
+          rows += json.load(f)
+  return rows
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+  argv = list(sys.argv[1:] if argv is None else argv)
   args = parse_args(argv)
   # Freed buffers are reused across steps, for JAX and PyTorch alike (see moejax/hostmem.py).
   host_memory = "retained" if hostmem.retain_host_memory() else "glibc default"
@@ -388,7 +420,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   )
 
   rows = []
-  for name in args.dtypes:
+  if args.isolate and len(args.dtypes) * len(experts) > 1:
+    rows = _rows_in_subprocesses(argv, args)
+  for name in args.dtypes if not rows else ():
     dtype = DTYPES[name]
     # The same values in every dtype (rounded to it), so the rows differ by precision alone.
     x, cot = jnp.asarray(x32, dtype), jnp.asarray(cot32, dtype)

@@ -113,16 +113,27 @@ def dot_product_attention(
   and softmax are float32; a row with nothing to attend to gets uniform weights rather than NaN.
   """
   b, s, h, a = q.shape
-  h_kv = k.shape[2]
+  t, h_kv, a_v = k.shape[1], k.shape[2], v.shape[-1]
+  g = h // h_kv
   scale = a**-0.5 if scale is None else scale
-  q = q.reshape(b, s, h_kv, h // h_kv, a)  # [B, S, H_kv, G, A]: query head i -> kv head i // G
-  scores = jnp.einsum("bshga,btha->bhgst", q, k, preferred_element_type=jnp.float32)
-  scores = scores * scale  # [B, H_kv, G, S, T]
+  # Heads first, and query head i -> kv head i // G as rows (g, s) of one matrix per kv head: the
+  # two products are then plain batched matmuls [B*H_kv] x [G*S, A] x [A, T], and XLA:CPU moves no
+  # [S, T]-sized tensor between layouts (a 5-D "bshga,btha->bhgst" einsum measured 3x slower
+  # forward+backward at B=8, S=512, H=8, H_kv=4, mostly transposing the scores).
+  q = q.reshape(b, s, h_kv, g, a).transpose(0, 2, 3, 1, 4).reshape(b, h_kv, g * s, a)
+  k = k.transpose(0, 2, 1, 3)  # [B, H_kv, T, A]
+  v = v.transpose(0, 2, 1, 3)  # [B, H_kv, T, A_v]
+  scores = jnp.einsum("bkma,bkta->bkmt", q, k, preferred_element_type=jnp.float32) * scale
+  scores = scores.reshape(b, h_kv, g, s, t)  # [B, H_kv, G, S, T] float32
   if mask is not None:
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)  # [B, H_kv, G, S, T] float32
-  out = jnp.einsum("bhgst,btha->bshga", probs.astype(v.dtype), v)  # [B, S, H_kv, G, A_v]
-  return out.reshape(b, s, h, v.shape[-1])
+    # An additive bias (0 or the most negative float) rather than a select: its gradient passes
+    # through unchanged instead of materialising a zero-filled [B, H, S, T] for the masked entries.
+    # A fully masked row stays uniform: every entry is the same most negative float.
+    bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)  # [B or 1, S, T]
+    scores = scores + bias[:, None, None]
+  probs = jax.nn.softmax(scores, axis=-1).reshape(b, h_kv, g * s, t)
+  out = jnp.einsum("bkmt,bkta->bkma", probs.astype(v.dtype), v)  # [B, H_kv, G*S, A_v]
+  return out.reshape(b, h_kv, g, s, a_v).transpose(0, 3, 1, 2, 4).reshape(b, s, h, a_v)
 
 
 class Projection(nnx.Module):

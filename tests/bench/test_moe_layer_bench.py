@@ -127,5 +127,6 @@ def test_parse_args_plot_and_dtypes():
   assert parse(["--out", "r/x.json"]).plot == "r/x.png"
   assert parse(["--out", "r/x.json", "--plot", "p.png"]).plot == "p.png"
   assert parse(["--out", "r/x.json", "--plot", "none"]).plot is None
+  assert parse([]).isolate and not parse(["--no-isolate"]).isolate  # a process per row by default
   with pytest.raises(SystemExit):
     parse(["--dtypes", "float16"])
