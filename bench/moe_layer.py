@@ -318,8 +318,9 @@ def plot_scaling(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Non
     ax.legend(fontsize="small")
   first = rows[0]
   fig.suptitle(
-    f"MoE layer vs E at fixed active FLOPs: T={first['tokens']} D={first['d_model']} "
-    f"F={first['hidden']} top-{first['top_k']} ({first['platform']}, {first['threads']} threads)"
+    f"MoE layer vs E at fixed active FLOPs\nT={first['tokens']} D={first['d_model']} "
+    f"F={first['hidden']} top-{first['top_k']} ({first['platform']}, {first['threads']} threads)",
+    fontsize="medium",
   )
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=120)
