@@ -420,79 +420,80 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     f"the JAX step (arguments + outputs + temporaries), MiB"
   )
 
-  rows = []
   if args.isolate and len(args.dtypes) * len(experts) > 1:
     rows = _rows_in_subprocesses(argv, args)
-  for name in args.dtypes if not rows else ():
-    dtype = DTYPES[name]
-    # The same values in every dtype (rounded to it), so the rows differ by precision alone.
-    x, cot = jnp.asarray(x32, dtype), jnp.asarray(cot32, dtype)
-    for e in experts:
-      config = MoEConfig(
-        d_model=d,
-        num_experts=e,
-        top_k=k,
-        expert_hidden_dim=f,
-        dispatch=args.dispatch,
-        gmm_backend=args.backend,
-        capacity_factor=args.capacity_factor,
-        dtype=dtype,
-        param_dtype=dtype,
-      )
-      layer = MoE(config, rngs=nnx.Rngs(args.seed))
-      dense_ms, dense_peak = bench_dense(x, cot, k * f, seed=args.seed, **timing)
-      moejax_ms, y, moejax_peak = bench_moejax(layer, x, cot, **timing)
-      capacity_ms = capacity_peak = None
-      if not args.skip_capacity:
-        capacity_layer = _with_config(layer, config.replace(dispatch="capacity"))
-        capacity_ms, _, capacity_peak = bench_moejax(capacity_layer, x, cot, **timing)
-      hf_ms = hf_diff = torch_dense_ms = None
-      if not args.skip_hf:
-        hf_ms, y_hf = bench_hf(
-          layer, x, cot, threads=threads, experts_implementation=args.hf_experts, **timing
+  else:
+    rows = []
+    for name in args.dtypes:
+      dtype = DTYPES[name]
+      # The same values in every dtype (rounded to it), so the rows differ by precision alone.
+      x, cot = jnp.asarray(x32, dtype), jnp.asarray(cot32, dtype)
+      for e in experts:
+        config = MoEConfig(
+          d_model=d,
+          num_experts=e,
+          top_k=k,
+          expert_hidden_dim=f,
+          dispatch=args.dispatch,
+          gmm_backend=args.backend,
+          capacity_factor=args.capacity_factor,
+          dtype=dtype,
+          param_dtype=dtype,
         )
-        hf_diff = float(np.max(np.abs(y - y_hf)))  # both float32 copies of the row-dtype outputs
-        torch_dense_ms = bench_torch_dense(x, cot, k * f, threads=threads, **timing)
-      rows.append(
-        {
-          "E": e,
-          "dtype": name,
-          "moejax_ms": moejax_ms,
-          "dense_ms": dense_ms,
-          "hf_ms": hf_ms,
-          "capacity_ms": capacity_ms,
-          "moejax_over_dense": moejax_ms / dense_ms,
-          "hf_over_dense": _ratio(hf_ms, dense_ms),
-          "capacity_over_dense": _ratio(capacity_ms, dense_ms),
-          "torch_dense_ms": torch_dense_ms,
-          "hf_over_torch_dense": _ratio(hf_ms, torch_dense_ms),
-          "moejax_over_hf": _ratio(moejax_ms, hf_ms),
-          "moejax_peak_mib": moejax_peak,
-          "dense_peak_mib": dense_peak,
-          "capacity_peak_mib": capacity_peak,
-          "moejax_peak_over_dense_peak": _ratio(moejax_peak, dense_peak),
-          "hf_max_abs_diff": hf_diff,
-          "tokens": t,
-          "d_model": d,
-          "hidden": f,
-          "top_k": k,
-          "dispatch": args.dispatch,
-          "backend": args.backend,
-          "capacity_factor": args.capacity_factor,
-          "hf_experts": None if args.skip_hf else args.hf_experts,
-          "threads": threads,
-          "host_memory": host_memory,
-          "repeats": args.repeats,
-          "warmup": args.warmup,
-          "platform": devices[0].platform,
-          "versions": versions,
-        }
-      )
-      print(
-        f"E={e} {name}: moejax {moejax_ms:.1f} ms, dense {dense_ms:.1f} ms",
-        file=sys.stderr,
-        flush=True,
-      )
+        layer = MoE(config, rngs=nnx.Rngs(args.seed))
+        dense_ms, dense_peak = bench_dense(x, cot, k * f, seed=args.seed, **timing)
+        moejax_ms, y, moejax_peak = bench_moejax(layer, x, cot, **timing)
+        capacity_ms = capacity_peak = None
+        if not args.skip_capacity:
+          capacity_layer = _with_config(layer, config.replace(dispatch="capacity"))
+          capacity_ms, _, capacity_peak = bench_moejax(capacity_layer, x, cot, **timing)
+        hf_ms = hf_diff = torch_dense_ms = None
+        if not args.skip_hf:
+          hf_ms, y_hf = bench_hf(
+            layer, x, cot, threads=threads, experts_implementation=args.hf_experts, **timing
+          )
+          hf_diff = float(np.max(np.abs(y - y_hf)))  # both float32 copies of the row-dtype outputs
+          torch_dense_ms = bench_torch_dense(x, cot, k * f, threads=threads, **timing)
+        rows.append(
+          {
+            "E": e,
+            "dtype": name,
+            "moejax_ms": moejax_ms,
+            "dense_ms": dense_ms,
+            "hf_ms": hf_ms,
+            "capacity_ms": capacity_ms,
+            "moejax_over_dense": moejax_ms / dense_ms,
+            "hf_over_dense": _ratio(hf_ms, dense_ms),
+            "capacity_over_dense": _ratio(capacity_ms, dense_ms),
+            "torch_dense_ms": torch_dense_ms,
+            "hf_over_torch_dense": _ratio(hf_ms, torch_dense_ms),
+            "moejax_over_hf": _ratio(moejax_ms, hf_ms),
+            "moejax_peak_mib": moejax_peak,
+            "dense_peak_mib": dense_peak,
+            "capacity_peak_mib": capacity_peak,
+            "moejax_peak_over_dense_peak": _ratio(moejax_peak, dense_peak),
+            "hf_max_abs_diff": hf_diff,
+            "tokens": t,
+            "d_model": d,
+            "hidden": f,
+            "top_k": k,
+            "dispatch": args.dispatch,
+            "backend": args.backend,
+            "capacity_factor": args.capacity_factor,
+            "hf_experts": None if args.skip_hf else args.hf_experts,
+            "threads": threads,
+            "host_memory": host_memory,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "platform": devices[0].platform,
+            "versions": versions,
+          }
+        )
+        print(
+          f"E={e} {name}: moejax {moejax_ms:.1f} ms, dense {dense_ms:.1f} ms",
+          file=sys.stderr,
+          flush=True,
+        )
 
   print(format_table(rows, header))
   write_rows(args.out, rows)

@@ -14,8 +14,9 @@ Tiles. A group's first tile is the smallest of `head_m` (16, 24, 32, 48, ..., 51
 quarter to a third) that holds the group; a group larger than that continues with `block_m` tiles
 (256, 128, 64, 32, 16), split greedily so that fewer than 16 rows are padding. So most groups are
 one dot with little padding: one dot per group matters for tgmm (below), and for gmm one tile of 80
-rows is faster than 64 + 16 (a 16-row dot runs at a fraction of the speed of a large one). Each
-size is its own `fori_loop` whose traced trip count is 0 or 1 (or more for `block_m`).
+rows is faster than 64 + 16 (a 16-row dot runs at a fraction of the speed of a large one). gmm
+runs each head size as a `fori_loop` with a traced trip count of 0 or 1, tgmm picks it with one
+`lax.switch` (see `_head_tile`); each `block_m` size is a `fori_loop`.
 
 Tiles are aligned to their group, not to a global grid. A tile near the end of the array is shifted
 back to stay inside it (`dynamic_slice` would clamp it anyway), and a row mask keeps exactly the
@@ -114,20 +115,26 @@ def _for_each_group(group_sizes, body, carry):
   return lax.fori_loop(0, jnp.sum(has_rows), one_group, carry)
 
 
+def _window(lo, block, end, num_rows):
+  """(at, keep) of the tile covering rows [lo, min(lo + block, end)): its `[block, ...]` window
+  starts at `at`, shifted back to `min(lo, num_rows - block)` so that it lies inside the array
+  (`dynamic_slice` would clamp it the same way, silently), and `keep` [block] marks the window rows
+  the tile is responsible for."""
+  at = jnp.minimum(lo, num_rows - block)
+  rows = at + jnp.arange(block, dtype=at.dtype)  # [block]
+  return at, (rows >= lo) & (rows < jnp.minimum(lo + block, end))
+
+
 def _for_each_tile(start, end, block_sizes, num_rows, body, carry):
   """Runs `carry = body(at, keep, block, carry)` for the tiles covering rows [start, end).
 
   The group's row count, rounded up to a multiple of the smallest size, is split greedily into
   tiles, largest size first: as many tiles of each size as fit in what is left, and the smallest
-  size covers the rest. With the default
-  sizes (256, 128, 64, 32, 16) a group of 600 rows gets tiles of 256 + 256 + 64 + 32 rows (8 of
-  them padding): fewer than 16 padded rows per group, whatever its size. Each size gets its own
-  `fori_loop` with a traced trip count.
+  size covers the rest. With the default sizes (256, 128, 64, 32, 16) a group of 600 rows gets
+  tiles of 256 + 256 + 64 + 32 rows (8 of them padding): fewer than 16 padded rows per group,
+  whatever its size. Each size gets its own `fori_loop` with a traced trip count.
 
-  For each tile, `at` is the first row of its `[block, ...]` window and `keep` a `[block]` bool
-  mask of the window rows the tile is responsible for. A tile logically covers
-  [lo, min(lo + block, end)); its window is shifted back to `min(lo, num_rows - block)` so that
-  it lies inside the array (`dynamic_slice` would clamp it the same way, silently).
+  `at` and `keep` are the tile's window start and row mask (see `_window`).
   """
   smallest = block_sizes[-1]
   left = (jnp.maximum(end - start, 0) + smallest - 1) // smallest * smallest  # rows, padded
@@ -138,11 +145,7 @@ def _for_each_tile(start, end, block_sizes, num_rows, body, carry):
     left = left - num_tiles * block
 
     def one_tile(tile, carry, base=lo, block=block):
-      tile_lo = base + tile * block
-      at = jnp.minimum(tile_lo, num_rows - block)
-      rows = at + jnp.arange(block, dtype=at.dtype)  # [block]
-      keep = (rows >= tile_lo) & (rows < end)
-      return body(at, keep, block, carry)
+      return body(*_window(base + tile * block, block, end, num_rows), block, carry)
 
     carry = lax.fori_loop(0, num_tiles, one_tile, carry)
     lo = lo + num_tiles * block
@@ -164,10 +167,7 @@ def _head_tile(start, end, head_sizes, num_rows, body, carry, *, switch: bool):
   covered = jnp.minimum(n, head_sizes[-1])
 
   def tile(lo, block, carry):
-    at = jnp.minimum(lo, num_rows - block)
-    rows = at + jnp.arange(block, dtype=at.dtype)  # [block]
-    keep = (rows >= lo) & (rows < jnp.minimum(lo + block, end))
-    return body(at, keep, block, carry)
+    return body(*_window(lo, block, end, num_rows), block, carry)
 
   if switch:
     level = sum((covered > size).astype(jnp.int32) for size in head_sizes[:-1])
@@ -295,8 +295,8 @@ def tgmm(
     return lax.dot_general(x, g, (((0,), (0,)), ((), ())), preferred_element_type=acc_dtype)
 
   def one_group(e, start, end, carry):
-    # The tile loops carry the group's [D, F] float32 sum, not the [E, D, F] output: a while loop
-    # that carries the large buffer gets it copied. The first tile sets the sum, later tiles
+    # The tiles carry the group's [D, F] float32 sum, not the [E, D, F] output (the head's
+    # conditional would copy a large carry). The first tile sets the sum, later tiles
     # (groups past the largest head size) add to it, and out[e] is written once. The sum's buffer
     # is reused from group to group (the first tile overwrites it), so it is never zero-filled.
     out, acc = carry
