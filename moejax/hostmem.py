@@ -9,8 +9,8 @@ cost more than writing them: measured on the MoE layer forward+backward at E=128
 per step, 1.3-1.5 s per step, against no faults and 1.0-1.15 s with `retain_host_memory()`.
 
 `retain_host_memory()` tells glibc to serve every block from the one main heap (`M_ARENA_MAX=1`,
-`M_MMAP_MAX=0`) and never to return its free top to the kernel (`M_TRIM_THRESHOLD`), as a caching
-allocator would (PyTorch's CPU guide recommends jemalloc or tcmalloc for the same reason). The
+`M_MMAP_MAX=0`) and never to return its free top to the kernel (`M_TRIM_THRESHOLD=-1`, whatever its
+size), as a caching allocator would (PyTorch's CPU guide recommends jemalloc or tcmalloc for the same reason). The
 process then holds on to its peak host memory. It changes nothing but allocation, for every library
 in the process (PyTorch included, which is what a fair benchmark wants), and is a no-op where the C
 library is not glibc.
@@ -33,7 +33,10 @@ ENV_VAR = "MOEJAX_RETAIN_HOST_MEMORY"
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_NEVER = 2**31 - 1  # the largest `int`: a trim threshold that is never reached
+# -1 disables trimming (mallopt(3)); glibc stores it as SIZE_MAX. The largest positive `int`,
+# 2 GiB, is not enough: a train step that frees more than that at once (the small Mixtral config's
+# does) then gives it back and faulted 4.8 GB in again every step.
+_NO_TRIM = -1
 
 _retained = False
 
@@ -70,7 +73,7 @@ def retain_host_memory(enabled: bool | None = None) -> bool:
     return False
   ok = all(
     libc.mallopt(param, value) == 1
-    for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER))
+    for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NO_TRIM))
   )
   _retained = ok
   return ok

@@ -9,18 +9,19 @@ import pytest
 
 from moejax import hostmem
 
-# Allocates, touches and frees 64 MiB twice (C malloc) in a fresh process (before and after the optional call) and
-# prints whether the call applied and the page faults of the second round.
+# Allocates, touches and frees argv[2] MiB twice (C malloc) in a fresh process, after the optional
+# call, and prints whether the call applied and the page faults of the second round.
 _PROBE = textwrap.dedent(
   """
   import ctypes, resource, sys
   from moejax import hostmem
   ok = hostmem.retain_host_memory() if sys.argv[1] == "call" else None
   libc = ctypes.CDLL("libc.so.6")
-  libc.malloc.restype = ctypes.c_void_p
+  libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
   libc.free.argtypes = [ctypes.c_void_p]
+  size = int(sys.argv[2]) * 2**20
   def round_trip():  # malloc, touch every page, free: what XLA:CPU does with a step's buffers
-    p = libc.malloc(64 * 2**20); ctypes.memset(p, 1, 64 * 2**20); libc.free(p)
+    p = libc.malloc(size); ctypes.memset(p, 1, size); libc.free(p)
   round_trip()
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   round_trip()
@@ -31,13 +32,17 @@ _PROBE = textwrap.dedent(
 glibc_only = pytest.mark.skipif(hostmem._glibc() is None, reason="needs glibc (Linux)")
 
 
-def _probe(mode: str, env_value: str | None = None) -> tuple[str, int]:
+def _probe(mode: str, env_value: str | None = None, mib: int = 64) -> tuple[str, int]:
   env = dict(os.environ)
   env.pop(hostmem.ENV_VAR, None)
   if env_value is not None:
     env[hostmem.ENV_VAR] = env_value
   out = subprocess.run(
-    [sys.executable, "-c", _PROBE, mode], env=env, capture_output=True, text=True, check=True
+    [sys.executable, "-c", _PROBE, mode, str(mib)],
+    env=env,
+    capture_output=True,
+    text=True,
+    check=True,
   )
   ok, faults = out.stdout.split()
   return ok, int(faults)
@@ -52,6 +57,16 @@ def test_retained_memory_is_reused_without_page_faults():
   assert ok == "True"
   assert default_faults > 4096, default_faults
   assert retained_faults < 256, retained_faults
+
+
+@glibc_only
+@pytest.mark.slow
+def test_blocks_over_2_gib_are_retained_too():
+  # The largest positive trim threshold mallopt takes is 2 GiB - 1; a train step freeing more than
+  # that at once was trimmed and faulted in again every step until the threshold became -1.
+  ok, faults = _probe("call", mib=2200)
+  assert ok == "True"
+  assert faults < 256, faults
 
 
 @glibc_only
