@@ -143,7 +143,8 @@ class MLA(nnx.Module):
       k_pe = apply_rope(k_pe[:, :, None], cos, sin, interleave=self.rope_interleave)[:, :, 0]
     if cache is None:
       with jax.named_scope("attend"):
-        out = self._attend_expanded(q_nope, q_pe, c_kv, k_pe, attention_mask(s, segment_ids))
+        mask = attention_mask(s, segment_ids)
+        out = self._attend_expanded(q_nope, q_pe, c_kv, k_pe, mask, causal=True)
       return self.o_proj(out)  # [B, S, D]
     with jax.named_scope("cache"):
       cache = {
@@ -158,15 +159,16 @@ class MLA(nnx.Module):
       out = attend(q_nope, q_pe, c_kv, k_pe, cache_mask)  # [B, S, H, A_v]
     return self.o_proj(out), cache
 
-  def _attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask):
-    """Re-expand keys and values of every slot: c_kv [B, T, R_kv], k_pe [B, T, A_rope]."""
+  def _attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask, causal=False):
+    """Re-expand keys and values of every slot: c_kv [B, T, R_kv], k_pe [B, T, A_rope]; `causal`
+    as in `dot_product_attention`."""
     b, t, _ = c_kv.shape
     kv = self.kv_b_proj(c_kv)  # [B, T, H, A_nope + A_v]
     k_nope, v = kv[..., : self.nope_dim], kv[..., self.nope_dim :]
     k_pe = jnp.broadcast_to(k_pe[:, :, None], (b, t, self.num_heads, self.rope_dim))
     q = jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1)  # [B, S, H, A_qk]
     k = jnp.concatenate([k_nope, k_pe.astype(k_nope.dtype)], axis=-1)  # [B, T, H, A_qk]
-    return dot_product_attention(q, k, v, mask, scale=self.scale)  # [B, S, H, A_v]
+    return dot_product_attention(q, k, v, mask, scale=self.scale, causal=causal)  # [B, S, H, A_v]
 
   def _attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
     """Attend in the latent space: W_UK folds into the query, W_UV into the output."""
