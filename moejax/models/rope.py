@@ -32,6 +32,7 @@ Frequencies are computed in float32 (numpy, at trace time), angles, cos, sin and
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -190,16 +191,62 @@ def apply_rope(
   Rotate-half: x * cos + rotate_half(x) * sin, rotate_half([x1, x2]) = [-x2, x1].
   Interleaved: pairs (x[2j], x[2j+1]) rotate by angle j; the result is in the rotate-half layout
   [x_even cos - x_odd sin, x_odd cos + x_even sin] (see the module docstring).
+
+  The gradient is written out (the transposed rotation, `_rope_bwd`): differentiating the
+  slices and the concatenation made XLA:CPU pad and add four [B, S, H, A] tensors per call, 30 ms a
+  layer in the backward pass of the small Mixtral config against 3 ms forward.
   """
-  xf = x.astype(jnp.float32)
-  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  return _rope(x, cos, sin, interleave)
+
+
+def _rotate(xf, cos, sin, interleave):
+  """The rotation in float32; cos, sin [B, S, 1, A]."""
   if interleave:
-    half = x.shape[-1] // 2
+    half = xf.shape[-1] // 2
     x1, x2 = xf[..., 0::2], xf[..., 1::2]  # [B, S, H, A/2]
     c, s = cos[..., :half], sin[..., :half]
-    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-  else:
-    x1, x2 = jnp.split(xf, 2, axis=-1)
-    rotated = jnp.concatenate([-x2, x1], axis=-1)  # [B, S, H, A]
-    out = xf * cos + rotated * sin
+    return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+  x1, x2 = jnp.split(xf, 2, axis=-1)
+  return xf * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _rope(x, cos, sin, interleave):
+  out = _rotate(x.astype(jnp.float32), cos[:, :, None, :], sin[:, :, None, :], interleave)
   return out.astype(x.dtype)
+
+
+def _rope_fwd(x, cos, sin, interleave):
+  return _rope(x, cos, sin, interleave), (x, cos, sin)
+
+
+def _rope_bwd(interleave, residuals, dy):
+  """The rotation is linear in x with diagonal cos, sin: dx is dy through the transposed map.
+
+  Rotate-half: out = x c + R(x) s with R([x1, x2]) = [-x2, x1] and R^T = -R, so
+  dx = dy c - R(dy s). Interleaved: out = [x1 c - x2 s, x2 c + x1 s] on the pairs' halves, so
+  (dx1, dx2) = (dA c + dB s, dB c - dA s) for dy = [dA, dB], interleaved back. The cos and sin
+  cotangents (summed over heads) are exact too; XLA drops them when positions are integers.
+  """
+  x, cos, sin = residuals
+  xf, g = x.astype(jnp.float32), dy.astype(jnp.float32)
+  c, s = cos[:, :, None, :], sin[:, :, None, :]
+  if interleave:
+    half = x.shape[-1] // 2
+    c, s = c[..., :half], s[..., :half]
+    da, db = g[..., :half], g[..., half:]
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    dx = jnp.stack([da * c + db * s, db * c - da * s], axis=-1).reshape(x.shape)
+    zeros = jnp.zeros_like(cos[..., :half])
+    dcos = jnp.concatenate([jnp.sum(da * x1 + db * x2, axis=2), zeros], axis=-1)
+    dsin = jnp.concatenate([jnp.sum(db * x1 - da * x2, axis=2), zeros], axis=-1)
+  else:
+    gs1, gs2 = jnp.split(g * s, 2, axis=-1)
+    dx = g * c + jnp.concatenate([gs2, -gs1], axis=-1)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    dcos = jnp.sum(g * xf, axis=2)
+    dsin = jnp.sum(g * jnp.concatenate([-x2, x1], axis=-1), axis=2)
+  return dx.astype(x.dtype), dcos.astype(cos.dtype), dsin.astype(sin.dtype)
+
+
+_rope.defvjp(_rope_fwd, _rope_bwd)

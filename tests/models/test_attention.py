@@ -206,6 +206,34 @@ def test_rope_formula_and_relative_positions():
   assert score(5, 2) == pytest.approx(score(105, 102), rel=1e-4)
 
 
+@pytest.mark.parametrize("interleave", [False, True], ids=["rotate_half", "interleaved"])
+def test_rope_gradient_is_the_transposed_rotation(interleave):
+  # apply_rope's written-out VJP against autodiff of the plain formula, for x and for cos, sin
+  # (with a YaRN-style attention factor, so the rotation is not orthogonal).
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.normal(size=(B, S, 3, 8)), jnp.float32)
+  cos, sin = rope_angles(jnp.asarray(rng.integers(0, 50, size=(B, S))), 8, theta=100.0)
+  cos, sin = 1.3 * cos, 1.3 * sin
+  cotangent = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+  def plain(x, cos, sin):
+    c, s = cos[:, :, None], sin[:, :, None]
+    if interleave:
+      x1, x2, c, s = x[..., 0::2], x[..., 1::2], c[..., :4], s[..., :4]
+      return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    return x * c + jnp.concatenate([-x[..., 4:], x[..., :4]], axis=-1) * s
+
+  rope = functools.partial(apply_rope, interleave=interleave)
+  y, vjp = jax.vjp(rope, x, cos, sin)
+  y_ref, vjp_ref = jax.vjp(plain, x, cos, sin)
+  assert_close(y, y_ref, what="y")
+  for name, got, want in zip(("x", "cos", "sin"), vjp(cotangent), vjp_ref(cotangent), strict=True):
+    assert_close(got, want, what=f"d{name}")
+  # bfloat16 activations: the gradient keeps x's dtype.
+  dx = jax.grad(lambda x: jnp.sum(rope(x, cos, sin).astype(jnp.float32)))(x.astype(jnp.bfloat16))
+  assert dx.dtype == jnp.bfloat16
+
+
 def test_mask_and_bf16():
   mask = attention_mask(4, jnp.array([[0, 0, 1, 1]]))
   expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], bool)
