@@ -118,9 +118,9 @@ def dot_product_attention(
   `mask` [B or 1, S, T] (True = may attend). `scale` multiplies the scores (default A^-1/2). Scores
   and softmax are float32; a row with nothing to attend to gets uniform weights rather than NaN.
 
-  `causal=True` says that query s sees no key t > s (S == T; `mask`, if given, must already hide
-  them): the queries then run in blocks of `block_size` rows, each against only the keys up to its
-  last row, which skips the upper triangle's work (62.5% of the full products at S = 4 blocks;
+  `causal=True` lets query s see only keys t <= s (S == T), on top of `mask`: the queries run in
+  blocks of `block_size` rows, each against only the keys up to its last row, which skips the upper
+  triangle's work (62.5% of the full products at S = 4 blocks;
   forward+backward 163 -> 114 ms at B=8, S=512, H=8, H_kv=4, A=64 on 2 cores). The result is the
   full computation's.
   """
@@ -149,6 +149,9 @@ def dot_product_attention(
   for (lo, hi), q_block in zip(blocks, q_blocks, strict=True):
     keys = hi if causal else t  # a causal block's queries see keys 0..hi-1 only
     block_mask = None if mask is None else mask[:, lo:hi, :keys]
+    if causal:  # a constant XLA folds into the scores' bias
+      tri = (jnp.arange(lo, hi)[:, None] >= jnp.arange(keys)[None, :])[None]  # [1, S_block, T]
+      block_mask = tri if block_mask is None else block_mask & tri
     outs.append(_attend(q_block, k[:, :, :keys], v[:, :, :keys], block_mask, scale))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)  # [B, H_kv, G, S, A_v]
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, a_v)

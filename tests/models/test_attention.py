@@ -182,6 +182,14 @@ def test_causal_blocks_match_reference_and_full_computation(block_size):
     assert_close(blocked, full, what=f"d{name}")
 
 
+def test_causal_without_a_mask_is_the_causal_mask():
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, 6, 2, 4)), jnp.float32) for _ in range(3))
+  for block_size in (2, 4, 8):
+    y = dot_product_attention(q, k, v, causal=True, block_size=block_size)
+    assert_close(y, sdpa_reference(*map(np.asarray, (q, k, v)), np.tril(np.ones((1, 6, 6), bool))))
+
+
 def test_causal_needs_as_many_queries_as_keys():
   q = jnp.zeros((1, 3, 2, 4))
   with pytest.raises(ValueError, match="S=3, T=5"):
