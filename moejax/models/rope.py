@@ -199,6 +199,12 @@ def apply_rope(
   return _rope(x, cos, sin, interleave)
 
 
+def _rotate_half(x):
+  """[x1, x2] -> [-x2, x1] on the last axis."""
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  return jnp.concatenate([-x2, x1], axis=-1)
+
+
 def _rotate(xf, cos, sin, interleave):
   """The rotation in float32; cos, sin [B, S, 1, A]."""
   if interleave:
@@ -206,8 +212,7 @@ def _rotate(xf, cos, sin, interleave):
     x1, x2 = xf[..., 0::2], xf[..., 1::2]  # [B, S, H, A/2]
     c, s = cos[..., :half], sin[..., :half]
     return jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
-  x1, x2 = jnp.split(xf, 2, axis=-1)
-  return xf * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+  return xf * cos + _rotate_half(xf) * sin
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -241,11 +246,9 @@ def _rope_bwd(interleave, residuals, dy):
     dcos = jnp.concatenate([jnp.sum(da * x1 + db * x2, axis=2), zeros], axis=-1)
     dsin = jnp.concatenate([jnp.sum(db * x1 - da * x2, axis=2), zeros], axis=-1)
   else:
-    gs1, gs2 = jnp.split(g * s, 2, axis=-1)
-    dx = g * c + jnp.concatenate([gs2, -gs1], axis=-1)
-    x1, x2 = jnp.split(xf, 2, axis=-1)
+    dx = g * c - _rotate_half(g * s)
     dcos = jnp.sum(g * xf, axis=2)
-    dsin = jnp.sum(g * jnp.concatenate([-x2, x1], axis=-1), axis=2)
+    dsin = jnp.sum(g * _rotate_half(xf), axis=2)
   return dx.astype(x.dtype), dcos.astype(cos.dtype), dsin.astype(sin.dtype)
 
 
