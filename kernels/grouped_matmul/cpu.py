@@ -1,4 +1,8 @@
-"""Grouped matmul for XLA:CPU at about the cost of a dense matmul of the same useful FLOPs.
+"""Grouped matmul for XLA:CPU in XLA's own ops, proportional to the rows routed.
+
+`auto` on CPU picks the `blas` backend (the same per-group loop handed to the host's BLAS through a
+buffer callback), which is faster; this one stays for programs that must not call back into Python
+(e.g. an exported or serialised computation) and as a second implementation to test against.
 
 XLA:CPU lowers `ragged_dot` to a dense dot over all E groups (E times the FLOPs), and a loop over a
 static worst-case number of row blocks pays for blocks that are empty. This backend loops only over

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.kernels.grouped_matmul import cpu, reference, xla
+from moejax.kernels.grouped_matmul import blas, cpu, reference, xla
 
 
 class Backend(NamedTuple):
@@ -54,6 +54,7 @@ _BACKENDS: dict[str, Backend] = {
   "reference": Backend(reference.gmm, reference.tgmm, autodiff=True),
   "xla": Backend(xla.gmm, xla.tgmm, autodiff=True),
   "cpu": Backend(cpu.gmm, cpu.tgmm, autodiff=False),
+  "blas": Backend(blas.gmm, blas.tgmm, autodiff=False),
 }
 
 BACKENDS: tuple[str, ...] = ("auto", *_BACKENDS)
@@ -75,7 +76,7 @@ def _platform(*arrays) -> str:
 
 def _resolve_backend(backend: str, *arrays) -> str:
   if backend == "auto":
-    return "cpu" if _platform(*arrays) == "cpu" else "xla"
+    return "blas" if _platform(*arrays) == "cpu" else "xla"
   if backend not in _BACKENDS:
     raise ValueError(f"Unknown grouped-matmul backend={backend!r}; known backends: {BACKENDS}.")
   return backend
@@ -213,8 +214,9 @@ def gmm(
     lhs: `[M, D]` rows sorted by group.
     rhs: `[E, D, F]` one matrix per group.
     group_sizes: `[E]` integer rows per group, sum <= M.
-    backend: one of `BACKENDS`. "auto" is "cpu" on a CPU platform, else "xla" (`ragged_dot`).
-      "reference" is the slow masked oracle.
+    backend: one of `BACKENDS`. "auto" is "blas" on a CPU platform (one host BLAS GEMM per
+      group, `blas.py`), else "xla" (`ragged_dot`). "cpu" is the same loop in XLA dots (no host
+      callback), "reference" the slow masked oracle.
     interpret: run a Pallas backend in interpret mode (ignored by the others).
     preferred_element_type: output dtype, default `lhs.dtype`. Products are accumulated in at
       least float32 (bf16 inputs accumulate in float32).

@@ -2,8 +2,8 @@
 
 `jax.lax.ragged_dot` is one HLO op that each compiler lowers natively (a grouped kernel on TPU and
 GPU) and that JAX knows how to differentiate, so this backend uses plain autodiff for gmm. On CPU,
-XLA lowers it to a masked dense dot over all E groups, i.e. E times the useful FLOPs: use the `cpu`
-backend there.
+XLA lowers it to a masked dense dot over all E groups, i.e. E times the useful FLOPs: use the `blas`
+or `cpu` backend there.
 
 tgmm is `ragged_dot_general` with the ragged dimension contracted (JAX's "ragged contracting" mode),
 which computes `[E, D, F]` directly. JAX cannot differentiate that mode, so `ops.tgmm` gives it a

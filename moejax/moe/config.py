@@ -13,10 +13,12 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from moejax.kernels import BACKENDS
+
 ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid", "expert_choice", "top_p")
 DISPATCHES = ("dropless", "capacity")
 ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
-GMM_BACKENDS = ("auto", "xla", "cpu", "reference")
+GMM_BACKENDS = BACKENDS  # the grouped-matmul backends, "auto" first
 EP_TRANSPORTS = ("auto", "padded", "ragged")
 # Routers that pick a fixed number of experts per token by score, so an aux-loss-free bias can
 # steer their selection.

@@ -23,7 +23,9 @@ import pytest
 from moejax.kernels import gmm, tgmm
 from moejax.kernels.grouped_matmul import cpu, ops
 
-BACKENDS = ("reference", "xla", "cpu")
+BACKENDS = ("reference", "xla", "cpu", "blas")
+# The backends whose kernels run under the custom VJP, which shard_map must type correctly.
+VJP_BACKENDS = ("cpu", "blas")
 F32_TOL = 1e-5
 
 # (M, D, F, group_sizes). M is never a multiple of a block size; D and F are unequal so a
@@ -299,14 +301,15 @@ def test_tgmm_grads_match_numpy(backend):
 
 
 def test_auto_backend_follows_platform():
-  expected = "cpu" if jax.default_backend() == "cpu" else "xla"
+  expected = "blas" if jax.default_backend() == "cpu" else "xla"
   assert ops._resolve_backend("auto", jnp.zeros((2, 2))) == expected
   m, d, f, sizes = CASES["ragged_with_empty_and_trailing_rows"]
   lhs, rhs, group_sizes, _ = _inputs(m, d, f, sizes)
   assert _rel_err(gmm(lhs, rhs, group_sizes), _numpy_gmm(lhs, rhs, sizes)) < F32_TOL
 
 
-def test_gmm_under_shard_map():
+@pytest.mark.parametrize("backend", VJP_BACKENDS)
+def test_gmm_under_shard_map(backend):
   """Each device holds its own rows and its own group sizes; nothing assumes a global view."""
   devices = np.array(jax.devices())
   n, (m, d, f, sizes) = len(devices), CASES["ragged_with_empty_and_trailing_rows"]
@@ -322,9 +325,9 @@ def test_gmm_under_shard_map():
     jax.shard_map, mesh=mesh, in_specs=(spec("x"), spec(), spec("x")), out_specs=spec("x")
   )
   def sharded_loss_grads(x, w, gs):
-    loss = lambda x, w: jnp.sum(gmm(x, w, gs[0], backend="cpu") ** 2)
+    loss = lambda x, w: jnp.sum(gmm(x, w, gs[0], backend=backend) ** 2)
     dx, dw = jax.grad(loss, argnums=(0, 1))(x, w)
-    return gmm(x, w, gs[0], backend="cpu"), dx, dw[None]
+    return gmm(x, w, gs[0], backend=backend), dx, dw[None]
 
   out, dx, dw = sharded_loss_grads(lhs, rhs, jnp.asarray(shard_sizes))
   np_dw_total = 0.0
@@ -340,7 +343,8 @@ def test_gmm_under_shard_map():
     assert _rel_err(dw[i], np_dw_total) < F32_TOL
 
 
-def test_gmm_under_shard_map_with_sharded_weights():
+@pytest.mark.parametrize("backend", VJP_BACKENDS)
+def test_gmm_under_shard_map_with_sharded_weights(backend):
   """Tensor-parallel layout: lhs replicated, rhs split along F. d lhs must be summed over shards."""
   devices = np.array(jax.devices())
   mesh = jax.sharding.Mesh(devices, ("x",))
@@ -357,8 +361,8 @@ def test_gmm_under_shard_map_with_sharded_weights():
     out_specs=(spec(None, "x"), spec(), spec(None, None, "x")),
   )
   def sharded_loss_grads(x, w, gs):
-    loss = lambda x, w: jnp.sum(gmm(x, w, gs, backend="cpu") ** 2)
-    return gmm(x, w, gs, backend="cpu"), *jax.grad(loss, argnums=(0, 1))(x, w)
+    loss = lambda x, w: jnp.sum(gmm(x, w, gs, backend=backend) ** 2)
+    return gmm(x, w, gs, backend=backend), *jax.grad(loss, argnums=(0, 1))(x, w)
 
   out, dx, dw = sharded_loss_grads(lhs, rhs, group_sizes)
   expected = _numpy_gmm(lhs, rhs, sizes)
@@ -401,3 +405,19 @@ def test_tgmm_and_dtype_errors():
     gmm(lhs, jnp.zeros((2, 3, 2)), jnp.asarray([2.0, 2.0]))
   with pytest.raises(ValueError, match=r"block_m must be a positive int"):
     cpu.gmm(lhs, jnp.zeros((2, 3, 2)), group_sizes, block_m=0)
+
+
+def test_blas_under_jit_with_sharded_inputs():
+  """Outside shard_map the host callback sees the whole array (XLA runs it once, on one device):
+  rows sharded over every device must still come back as the per-group products."""
+  devices = np.array(jax.devices())
+  mesh = jax.sharding.Mesh(devices, ("x",))
+  m, d, f, sizes = 8 * len(devices), 24, 40, (5, 0, 30, 1)
+  lhs, rhs, group_sizes, dout = _inputs(m, d, f, sizes, seed=5)
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+  lhs, dout = jax.device_put(lhs, rows), jax.device_put(dout, rows)
+  out, dlhs, drhs = _gmm_and_grads("blas", lhs, rhs, group_sizes, dout)
+  np_dlhs, np_drhs = _numpy_gmm_vjp(lhs, rhs, sizes, dout)
+  assert _rel_err(out, _numpy_gmm(lhs, rhs, sizes)) < F32_TOL
+  assert _rel_err(dlhs, np_dlhs) < F32_TOL
+  assert _rel_err(drhs, np_drhs) < F32_TOL

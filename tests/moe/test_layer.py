@@ -185,7 +185,7 @@ def test_shared_experts(shared, dispatch):
   check_against_reference(dataclasses.replace(BASE, dispatch=dispatch, **shared))
 
 
-@pytest.mark.parametrize("backend", ["reference", "xla", "cpu"])
+@pytest.mark.parametrize("backend", ["reference", "xla", "cpu", "blas"])
 def test_gmm_backends(backend):
   check_against_reference(dataclasses.replace(BASE, num_experts=8, top_k=2, gmm_backend=backend))
 
@@ -302,7 +302,10 @@ def test_padding_is_not_dispatched(dispatch):
   c = cfg.capacity(B * S)
   assert served == (n_real if dispatch == "dropless" else min(c, n_real))
   assert float(aux["expert_counts"].sum()) == n_real
-  # Real tokens' outputs do not depend on whether padding is present (dropless is per token).
+  # Real tokens' outputs do not depend on whether padding is present (dropless is per token), up
+  # to float32 rounding: the default CPU backend hands each expert's rows to a BLAS GEMM, which
+  # picks its kernel (and so its summation order) by the number of rows, and padding changes that
+  # number. The bound is relative to the largest output, as in the kernel tests.
   if dispatch == "dropless":
-    y_all, _ = model(xs)
-    np.testing.assert_allclose(y[:, real], np.asarray(y_all)[:, real], rtol=1e-6, atol=1e-7)
+    y_all = np.asarray(model(xs)[0])[:, real]
+    assert np.abs(y[:, real] - y_all).max() <= 1e-6 * np.abs(y_all).max()
