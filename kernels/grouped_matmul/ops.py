@@ -79,6 +79,11 @@ def _resolve_backend(backend: str, *arrays) -> str:
     return "blas" if _platform(*arrays) == "cpu" else "xla"
   if backend not in _BACKENDS:
     raise ValueError(f"Unknown grouped-matmul backend={backend!r}; known backends: {BACKENDS}.")
+  if backend == "blas" and (platform := _platform(*arrays)) != "cpu":
+    raise ValueError(
+      f"Grouped-matmul backend='blas' calls the host's BLAS on host buffers, so it runs on CPU "
+      f"only; this computation runs on {platform!r}: use backend='auto' or 'xla'."
+    )
   return backend
 
 

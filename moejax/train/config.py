@@ -81,7 +81,7 @@ def moe_config(**overrides) -> ml_collections.ConfigDict:
       aux_free_bias=False,
       # Its update rate gamma.
       aux_free_bias_rate=0.001,
-      # Grouped-matmul backend: auto | xla | cpu | reference.
+      # Grouped-matmul backend: auto | xla | blas | cpu | reference.
       gmm_backend="auto",
       # Expert-parallel all_to_all: auto (ragged on TPU/GPU, padded on CPU) | padded | ragged.
       ep_transport="auto",

@@ -380,6 +380,17 @@ def test_unknown_backend_is_named():
     tgmm(lhs, grad, group_sizes, backend="nope")
 
 
+def test_blas_off_cpu_is_refused(monkeypatch):
+  """The host callback reads host memory: asked for on an accelerator, it says so up front."""
+  lhs, rhs, group_sizes, grad = _inputs(4, 3, 2, (2, 2))
+  monkeypatch.setattr(ops, "_platform", lambda *arrays: "cuda")
+  with pytest.raises(ValueError, match=r"backend='blas'.*CPU only.*'cuda'"):
+    gmm(lhs, rhs, group_sizes, backend="blas")
+  with pytest.raises(ValueError, match=r"backend='blas'.*CPU only.*'cuda'"):
+    tgmm(lhs, grad, group_sizes, backend="blas")
+  assert ops._resolve_backend("auto", lhs) == "xla"
+
+
 @pytest.mark.parametrize(
   ("lhs_shape", "rhs_shape", "sizes_shape", "message"),
   [
