@@ -24,7 +24,9 @@ has no BLAS for them, and the products then accumulate in float32 as the op's co
 Where it runs. CPU only (the callback reads host memory). The callback runs where XLA places it:
 once per device inside `shard_map` (each on its own shard), or once on the whole array under plain
 `jit`. It holds the Python GIL while it loops over the groups, releasing it inside each GEMM; a
-program that keeps the GIL busy on another thread while a step runs will wait for it.
+program that keeps the GIL busy on another thread while a step runs will wait for it. A host
+callback cannot be serialised: `jax.export` of a computation that contains this backend fails
+("serialization of host_callbacks is not yet implemented"); `gmm_backend="cpu"` is pure XLA.
 """
 
 from __future__ import annotations
