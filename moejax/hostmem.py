@@ -9,11 +9,11 @@ cost more than writing them: measured on the MoE layer forward+backward at E=128
 per step, 1.3-1.5 s per step, against no faults and 1.0-1.15 s with `retain_host_memory()`.
 
 `retain_host_memory()` tells glibc to serve every block from the one main heap (`M_ARENA_MAX=1`,
-`M_MMAP_MAX=0`) and never to return its free top to the kernel (`M_TRIM_THRESHOLD=-1`, whatever its
-size), as a caching allocator would (PyTorch's CPU guide recommends jemalloc or tcmalloc for the
-same reason). The process then holds on to its peak host memory. It changes nothing but allocation, for every library
-in the process (PyTorch included, which is what a fair benchmark wants), and is a no-op where the C
-library is not glibc.
+`M_MMAP_MAX=0`) and never to return its free top to the kernel (`M_TRIM_THRESHOLD=-1`, whatever
+its size), as a caching allocator would (PyTorch's CPU guide recommends jemalloc or tcmalloc for the
+same reason). The process then holds on to its peak host memory. It changes nothing but
+allocation, for every library in the process (PyTorch included, which is what a fair benchmark
+wants), and is a no-op where the C library is not glibc.
 
 The command-line entry points (`python -m moejax.train`, `moejax-generate`, the benchmarks in
 bench/) call it at start-up; set `MOEJAX_RETAIN_HOST_MEMORY=0` to keep glibc's defaults. Importing

@@ -47,35 +47,32 @@ def _compute_dtype(*arrays) -> np.dtype:
   return dtype if dtype in _BLAS_DTYPES else np.dtype(np.float32)
 
 
-def _group_bounds(group_sizes, num_rows: int):
-  """(e, start, end) of every group with rows, ends clipped to `num_rows`; and the end of the last
-  group (the first row past the groups)."""
+def _group_bounds(group_sizes, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+  """[E] first and one-past-last row of every group, clipped to `num_rows`; a group has rows where
+  end > start."""
   ends = np.minimum(np.cumsum(np.asarray(group_sizes), dtype=np.int64), num_rows)
-  starts = np.concatenate([[0], ends[:-1]])
-  used = np.flatnonzero(ends > starts)
-  bounds = zip(used.tolist(), starts[used].tolist(), ends[used].tolist(), strict=True)
-  return bounds, int(ends[-1]) if ends.size else 0
+  return np.concatenate([[0], ends[:-1]]), ends
 
 
 def _host_gmm(ctx, out, lhs, rhs, group_sizes, *, transpose_rhs: bool) -> None:
   del ctx
   out, lhs, rhs = np.asarray(out), np.asarray(lhs), np.asarray(rhs)
-  bounds, total = _group_bounds(group_sizes, lhs.shape[0])
-  for e, start, end in bounds:
+  starts, ends = _group_bounds(group_sizes, lhs.shape[0])
+  for e in np.flatnonzero(ends > starts).tolist():
     w = rhs[e].T if transpose_rhs else rhs[e]  # [D, F], a view
-    np.matmul(lhs[start:end], w, out=out[start:end])
-  out[total:] = 0
+    np.matmul(lhs[starts[e] : ends[e]], w, out=out[starts[e] : ends[e]])
+  out[ends[-1] if ends.size else 0 :] = 0  # the rows past the groups
 
 
 def _host_tgmm(ctx, out, lhs, grad, group_sizes) -> None:
   del ctx
   out, lhs, grad = np.asarray(out), np.asarray(lhs), np.asarray(grad)
-  bounds, _ = _group_bounds(group_sizes, lhs.shape[0])
-  filled = np.zeros(out.shape[0], bool)
-  for e, start, end in bounds:
-    np.matmul(lhs[start:end].T, grad[start:end], out=out[e])  # [D, rows] @ [rows, F]
-    filled[e] = True
-  out[~filled] = 0
+  starts, ends = _group_bounds(group_sizes, lhs.shape[0])
+  has_rows = ends > starts
+  for e in np.flatnonzero(has_rows).tolist():
+    rows = slice(starts[e], ends[e])
+    np.matmul(lhs[rows].T, grad[rows], out=out[e])  # [D, rows] @ [rows, F]
+  out[~has_rows] = 0
 
 
 def _call(kernel, shape, dtype, out_dtype, *operands):
