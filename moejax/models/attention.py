@@ -48,6 +48,7 @@ from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moejax.models.norm import RMSNorm
@@ -301,8 +302,8 @@ class Attention(nnx.Module):
     required and `segment_ids` is ignored; see the module docstring.
     """
     b, s, _ = x.shape
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+    if positions is None:  # numpy: the rotary angles become constants (see rope_angles)
+      positions = np.arange(s)[None]  # [1, S]
     with jax.named_scope("qkv"):
       q = self.q_proj(x)  # [B, S, H, A]
       k = self.k_proj(x)  # [B, S, H_kv, A]
@@ -315,7 +316,7 @@ class Attention(nnx.Module):
     with jax.named_scope("rope"):
       cos, sin = rope_angles(
         positions, self.head_dim, self.rope_theta, scaling=self.rope_scaling
-      )  # [B, S, A]
+      )  # [B or 1, S, A]
       q = apply_rope(q, cos, sin, interleave=self.rope_interleave)
       k = apply_rope(k, cos, sin, interleave=self.rope_interleave)
     if cache is None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from moejax.models.attention import (
@@ -125,8 +126,8 @@ class MLA(nnx.Module):
     keys and values (False), or whichever costs fewer FLOPs (None).
     """
     b, s, _ = x.shape
-    if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(s), (b, s))
+    if positions is None:  # numpy: the rotary angles become constants (see rope_angles)
+      positions = np.arange(s)[None]  # [1, S]
     with jax.named_scope("q"):
       if self.q_proj is not None:
         q = self.q_proj(x)  # [B, S, H, A_qk]

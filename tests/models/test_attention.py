@@ -214,6 +214,28 @@ def test_rope_formula_and_relative_positions():
   assert score(5, 2) == pytest.approx(score(105, 102), rel=1e-4)
 
 
+@pytest.mark.parametrize(
+  "scaling",
+  [None, (("factor", 4.0), ("original_max_position_embeddings", 8), ("rope_type", "yarn"))],
+)
+def test_rope_angles_from_numpy_positions_are_the_traced_ones(scaling):
+  # Positions known at trace time (numpy) give numpy cos, sin: constants of the program. They equal
+  # the traced computation's, and one [1, S] row broadcasts over the batch in apply_rope.
+  positions = np.arange(S)[None]  # [1, S]
+  cos_np, sin_np = rope_angles(positions, 8, theta=500.0, scaling=scaling)
+  assert isinstance(cos_np, np.ndarray) and cos_np.dtype == np.float32 and cos_np.shape == (1, S, 8)
+  traced = jax.jit(lambda p: rope_angles(p, 8, theta=500.0, scaling=scaling))
+  cos_jx, sin_jx = traced(jnp.broadcast_to(jnp.arange(S), (B, S)))
+  assert_close(np.broadcast_to(cos_np, (B, S, 8)), cos_jx, rtol=1e-6, what="cos")
+  assert_close(np.broadcast_to(sin_np, (B, S, 8)), sin_jx, rtol=1e-6, what="sin")
+  x = np.random.default_rng(1).normal(size=(B, S, 3, 8))
+  y = apply_rope(jnp.asarray(x, jnp.float32), cos_np, sin_np)
+  expected = apply_rope(jnp.asarray(x, jnp.float32), cos_jx, sin_jx)
+  assert_close(y, expected, rtol=1e-6, what="rope with [1, S, A] angles")
+  if scaling is None:
+    assert_close(y, rope_reference(x, np.broadcast_to(positions, (B, S)), 500.0), what="rope")
+
+
 @pytest.mark.parametrize("interleave", [False, True], ids=["rotate_half", "interleaved"])
 def test_rope_gradient_is_the_transposed_rotation(interleave):
   # apply_rope's written-out VJP against autodiff of the plain formula, for x and for cos, sin
