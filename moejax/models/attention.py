@@ -43,6 +43,7 @@ g query heads per kv head, a head_dim.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -161,20 +162,81 @@ def dot_product_attention(
 def _attend(q, k, v, mask, scale):
   """q [B, H_kv, G, S, A], k [B, H_kv, T, A], v [B, H_kv, T, A_v], mask [B or 1, S, T] or None
   -> [B, H_kv, G, S, A_v]."""
-  b, h_kv, g, s, a = q.shape
-  t = k.shape[2]
-  q = q.reshape(b, h_kv, g * s, a)
-  scores = jnp.einsum("bkma,bkta->bkmt", q, k, preferred_element_type=jnp.float32) * scale
-  scores = scores.reshape(b, h_kv, g, s, t)  # float32
+  # An additive bias (0 or the most negative float) rather than a select. A fully masked row stays
+  # uniform: every entry is the same most negative float.
+  bias = None
   if mask is not None:
-    # An additive bias (0 or the most negative float) rather than a select: its gradient passes
-    # through unchanged instead of materialising a zero-filled [B, H, S, T] for the masked entries.
-    # A fully masked row stays uniform: every entry is the same most negative float.
     bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)  # [B or 1, S, T]
+  return _softmax_attend(q, k, v, bias, scale)
+
+
+def _bkmt(x):
+  """[B, H_kv, G, S, X] -> [B, H_kv, G*S, X]: query heads of one kv head as rows of one matrix."""
+  b, h_kv, g, s, n = x.shape
+  return x.reshape(b, h_kv, g * s, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _softmax_attend(q, k, v, bias, scale):
+  return _softmax_attend_fwd(q, k, v, bias, scale)[0]
+
+
+def _softmax_attend_fwd(q, k, v, bias, scale):
+  """softmax(q k^T scale + bias) v, normalised after the product: out = (e v) / l with
+  e = exp(scores - max) and l = sum(e), so no pass over the [.., S, T] probabilities divides.
+
+  With the backward below, forward+backward of the small Mixtral config's attention (B=8, S=512,
+  H=8, H_kv=4, A=64, causal blocks of 128) went from 221 to 194 ms (median, 2 cores) against
+  autodiff of softmax(scores) v.
+  """
+  b, h_kv, g, s, _ = q.shape
+  t = k.shape[2]
+  scores = jnp.einsum("bkma,bkta->bkmt", _bkmt(q), k, preferred_element_type=jnp.float32) * scale
+  scores = scores.reshape(b, h_kv, g, s, t)  # float32
+  if bias is not None:
     scores = scores + bias[:, None, None]
-  probs = jax.nn.softmax(scores, axis=-1).reshape(b, h_kv, g * s, t)
-  out = jnp.einsum("bkmt,bkta->bkma", probs.astype(v.dtype), v)  # [B, H_kv, G*S, A_v]
-  return out.reshape(b, h_kv, g, s, -1)
+  e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))  # [B, H_kv, G, S, T] float32
+  inv_l = 1.0 / jnp.sum(e, axis=-1, keepdims=True)  # [B, H_kv, G, S, 1]
+  pv = jnp.einsum(
+    "bkmt,bkta->bkma", _bkmt(e).astype(v.dtype), v, preferred_element_type=jnp.float32
+  )
+  out = pv.reshape(b, h_kv, g, s, -1) * inv_l  # [B, H_kv, G, S, A_v] float32
+  return out.astype(v.dtype), (q, k, v, bias, e, inv_l, out)
+
+
+def _softmax_attend_bwd(scale, residuals, d_out):
+  """The softmax VJP with p = e / l never formed: ds = p (dp - D) with D = rowsum(dp * p), and
+  rowsum(dp * p) = rowsum((d_out v^T) * p) = d_out . out, a sum over A_v instead of over T
+  (FlashAttention-2's D_i, Dao 2023); dv = p^T d_out = e^T (d_out / l)."""
+  q, k, v, bias, e, inv_l, out = residuals
+  b, h_kv, g, s, _ = q.shape
+  t = k.shape[2]
+  d_out = d_out.astype(jnp.float32)
+  big_d = jnp.sum(d_out * out, axis=-1, keepdims=True)  # [B, H_kv, G, S, 1]
+  dp = jnp.einsum(
+    "bkma,bkta->bkmt", _bkmt(d_out).astype(v.dtype), v, preferred_element_type=jnp.float32
+  )
+  ds = e * inv_l * (dp.reshape(b, h_kv, g, s, t) - big_d) * scale  # d(scores before the scale)
+  dv = jnp.einsum(
+    "bkma,bkmt->bkat",
+    _bkmt(d_out * inv_l).astype(v.dtype),
+    _bkmt(e).astype(v.dtype),
+    preferred_element_type=jnp.float32,
+  ).swapaxes(-1, -2)
+  ds = _bkmt(ds).astype(q.dtype)
+  dq = jnp.einsum("bkmt,bkta->bkma", ds, k, preferred_element_type=jnp.float32)
+  dk = jnp.einsum("bkma,bkmt->bkat", _bkmt(q), ds, preferred_element_type=jnp.float32)
+  dk = dk.swapaxes(-1, -2)
+  d_bias = None if bias is None else jnp.zeros_like(bias)  # the mask is not differentiable
+  return (
+    dq.reshape(q.shape).astype(q.dtype),
+    dk.astype(k.dtype),
+    dv.astype(v.dtype),
+    d_bias,
+  )
+
+
+_softmax_attend.defvjp(_softmax_attend_fwd, _softmax_attend_bwd)
 
 
 class Projection(nnx.Module):

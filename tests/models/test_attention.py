@@ -155,6 +155,77 @@ def sdpa_reference(q, k, v, mask):
   return out
 
 
+def sdpa_grad_reference(q, k, v, mask, d_out):
+  """dq, dk, dv of `sdpa_reference` for the cotangent d_out, per head and query in float64:
+  p = softmax(s), s_j = q . k_j / sqrt(A); dv_j += p_j g, ds_j = p_j (g . v_j - sum_i p_i g . v_i),
+  dq = sum_j ds_j k_j / sqrt(A), dk_j += ds_j q / sqrt(A), with g = d_out of that query."""
+  b, s, h, a = q.shape
+  group = h // k.shape[2]
+  dq, dk, dv = np.zeros(q.shape), np.zeros(k.shape), np.zeros(v.shape)
+  for bi, hi, si in np.ndindex(b, h, s):
+    keys, kv = np.flatnonzero(mask[bi, si]), hi // group
+    scores = k[bi, keys, kv] @ q[bi, si, hi] / np.sqrt(a)
+    p = np.exp(scores - scores.max())
+    p /= p.sum()
+    g = d_out[bi, si, hi]
+    dp = v[bi, keys, kv] @ g
+    ds = p * (dp - p @ dp) / np.sqrt(a)
+    dq[bi, si, hi] = ds @ k[bi, keys, kv]
+    dk[bi, keys, kv] += ds[:, None] * q[bi, si, hi]
+    dv[bi, keys, kv] += p[:, None] * g
+  return dq, dk, dv
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_float64_reference(causal):
+  # The written-out softmax VJP (D = d_out . out, dv = e^T (d_out / l)) against per-query float64
+  # derivatives; GQA (4 query heads on 2 kv heads), segments, and for causal=True query blocks.
+  rng = np.random.default_rng(3)
+  b, s, h, h_kv, a = 2, 6, 4, 2, 8
+  q, k, v = (rng.normal(size=(b, s, n, a)) for n in (h, h_kv, h_kv))
+  mask = attention_mask(s, jnp.array([[0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 2]]))
+  d_out = rng.normal(size=(b, s, h, a))
+  args = tuple(jnp.asarray(x, jnp.float32) for x in (q, k, v))
+
+  def loss(*qkv):
+    y = dot_product_attention(*qkv, mask, causal=causal, block_size=4)
+    return jnp.sum(y * jnp.asarray(d_out, jnp.float32))
+
+  grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+  expected = sdpa_grad_reference(q, k, v, np.asarray(mask), d_out)
+  for name, got, want in zip("qkv", grads, expected, strict=True):
+    assert got.dtype == jnp.float32
+    assert_close(got, want, what=f"d{name}")
+
+
+def test_gradients_in_bfloat16_keep_the_dtype_and_follow_float32():
+  rng = np.random.default_rng(4)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 5, n, 8)), jnp.float32) for n in (4, 2, 2))
+  d_out = jnp.asarray(rng.normal(size=(2, 5, 4, 8)), jnp.float32)
+
+  def grads(dtype):
+    loss = lambda *qkv: jnp.sum(
+      dot_product_attention(*qkv, causal=True).astype(jnp.float32) * d_out
+    )
+    return jax.grad(loss, argnums=(0, 1, 2))(*(x.astype(dtype) for x in (q, k, v)))
+
+  for name, low, full in zip("qkv", grads(jnp.bfloat16), grads(jnp.float32), strict=True):
+    assert low.dtype == jnp.bfloat16
+    assert_close(low, full, rtol=3e-2, what=f"bf16 d{name}")
+
+
+def test_a_row_with_no_key_is_uniform_and_its_gradients_finite():
+  rng = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(rng.normal(size=(1, 3, 2, 4)), jnp.float32) for _ in range(3))
+  mask = jnp.asarray([[[True, False, False], [False, False, False], [True, True, True]]])
+  y = dot_product_attention(q, k, v, mask)
+  assert_close(y[0, 1], np.broadcast_to(np.asarray(v[0]).mean(axis=0), (2, 4)), what="uniform row")
+  grads = jax.grad(lambda *qkv: jnp.sum(dot_product_attention(*qkv, mask)), argnums=(0, 1, 2))(
+    q, k, v
+  )
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads)
+
+
 @pytest.mark.parametrize("block_size", [1, 2, 3, 4, 7, 16])
 def test_causal_blocks_match_reference_and_full_computation(block_size):
   # Query blocks that skip the keys after their last row: S = 7 does not divide into most block
