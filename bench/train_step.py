@@ -3,7 +3,7 @@
     python bench/train_step.py --out runs/bench_train_step.json
 
 For every `--configs` entry (an experiment file and its `get_config` arg, as `--config` takes them),
-one process measures, one after the other, on the same random token batches [B, S]:
+one process measures, on the same random token batches [B, S]:
 
 - `moejax`: the real `moejax.train.trainer.Trainer` step: forward, LM loss + MoE auxiliary losses,
   backward, global-norm clipping, AdamW (warmup-cosine schedule, decay on matrices only), the
@@ -23,9 +23,11 @@ load-balance loss is computed once over all layers' tokens, moejax's per layer a
 `router_aux_loss_coef` is set so that both aux terms are equal under uniform routing (see
 `hf_aux_loss_coef`).
 
-The first step (compilation for moejax) and `--warmup` more are not timed; the table reports the
-median wall time of `--repeats` steps, each waited for (`jax.block_until_ready` on the new state
-and metrics; PyTorch on CPU is synchronous), and tokens/s = B * S / time. PyTorch runs with
+The first step (compilation for moejax) and `--warmup` more are not timed. Then the two take
+turns, one step each per round (`moejax.benchmarking.time_interleaved`), so that a machine whose
+speed drifts slows both alike; the table reports each side's median wall time over `--repeats`
+rounds, every step waited for (`jax.block_until_ready` on the new state and metrics; PyTorch on CPU
+is synchronous), and tokens/s = B * S / time. PyTorch runs with
 `torch.set_num_threads` set to the cores XLA:CPU uses. A config whose batch holds more than
 `--max-tokens` tokens runs with fewer sequences (the table shows `B (of B_config)`), so that a
 2-core machine finishes; `--batch-size` and `--seq-len` set the shapes outright.
@@ -35,11 +37,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib.util
 import itertools
 import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -52,8 +55,7 @@ from moejax.benchmarking import (
   cpu_count,
   cpu_name,
   markdown_table,
-  time_call,
-  time_ms,
+  time_interleaved,
   torch_threads,
   write_rows,
 )
@@ -162,29 +164,24 @@ def describe(c: ModelConfig) -> str:
 # moejax.
 
 
-def bench_moejax(
-  config: ml_collections.ConfigDict,
-  model_config: ModelConfig,
-  batches: list[dict],
-  *,
-  repeats: int,
-  warmup: int,
-) -> dict[str, Any]:
-  """Times `Trainer.train_step` over `batches` (cycled); returns ms, params and the last LM loss."""
+def moejax_runner(
+  config: ml_collections.ConfigDict, model_config: ModelConfig, batches: list[dict]
+) -> tuple[Callable[[], None], Callable[[], dict[str, Any]]]:
+  """(step, summary): `step()` runs one `Trainer.train_step` on the next of `batches` (cycled) and
+  waits for it; `summary()` gives the parameter count and the latest step's LM loss."""
   trainer = Trainer(config, model_config, sharding.make_mesh(config.mesh))
   params, rest, opt_state = jax.block_until_ready(trainer.init())
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
   batch_iter = itertools.cycle(batches)
   metrics = {}
 
-  def run():
+  def step():
     nonlocal params, rest, opt_state, metrics
     # The step donates params, rest and opt_state: each call consumes the previous call's outputs.
     params, rest, opt_state, metrics = trainer.train_step(params, rest, opt_state, next(batch_iter))
     jax.block_until_ready((params, rest, opt_state, metrics))
 
-  ms = time_ms(run, repeats=repeats, warmup=warmup)
-  return {"ms": ms, "params": num_params, "loss": float(metrics["loss"])}
+  return step, lambda: {"params": num_params, "loss": float(metrics["loss"])}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,66 +257,67 @@ def build_hf_model(
   return MixtralForCausalLM(hf_config).float().train()
 
 
-def bench_hf(
+def hf_runner(
   config: ml_collections.ConfigDict,
   model_config: ModelConfig,
   batches: list[dict],
   *,
-  repeats: int,
-  warmup: int,
-  threads: int,
   attention: str,
   experts: str | None,
-) -> dict[str, Any]:
-  """Times a MixtralForCausalLM training step over `batches` (cycled); returns ms, params, the last
-  LM loss and the attention / experts implementations the model resolved."""
+) -> tuple[Callable[[], None], Callable[[], dict[str, Any]]]:
+  """(step, summary) for a MixtralForCausalLM training step over `batches` (cycled), as
+  `moejax_runner`; `summary()` also names the attention / experts implementations the model
+  resolved. Run the steps inside `torch_threads`."""
   import torch
 
   t = config.train
   s = batches[0]["inputs"].shape[1]
-  with torch_threads(threads):
-    model = build_hf_model(
-      model_config, seq_len=s, attention=attention, experts=experts, seed=int(t.seed)
-    )
-    num_params = sum(p.numel() for p in model.parameters())
-    # AdamW as moejax's optimizer.py sets it up: decoupled decay on matrices only.
-    matrices = [p for p in model.parameters() if p.ndim >= 2]
-    vectors = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-      [
-        {"params": matrices, "weight_decay": float(t.weight_decay)},
-        {"params": vectors, "weight_decay": 0.0},
-      ],
-      lr=float(t.learning_rate),
-      betas=(float(t.b1), float(t.b2)),
-      eps=float(t.eps),
-    )
-    torch_batches = [
-      (torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long()) for b in batches
-    ]
-    batch_iter = itertools.cycle(torch_batches)
+  model = build_hf_model(
+    model_config, seq_len=s, attention=attention, experts=experts, seed=int(t.seed)
+  )
+  num_params = sum(p.numel() for p in model.parameters())
+  # AdamW as moejax's optimizer.py sets it up: decoupled decay on matrices only.
+  matrices = [p for p in model.parameters() if p.ndim >= 2]
+  vectors = [p for p in model.parameters() if p.ndim < 2]
+  optimizer = torch.optim.AdamW(
+    [
+      {"params": matrices, "weight_decay": float(t.weight_decay)},
+      {"params": vectors, "weight_decay": 0.0},
+    ],
+    lr=float(t.learning_rate),
+    betas=(float(t.b1), float(t.b2)),
+    eps=float(t.eps),
+  )
+  torch_batches = [
+    (torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long()) for b in batches
+  ]
+  batch_iter = itertools.cycle(torch_batches)
+  last = None
 
-    def run():
-      inputs, targets = next(batch_iter)
-      optimizer.zero_grad(set_to_none=True)
-      # `labels` are shifted by one inside the loss; `shift_labels` passes targets already aligned
-      # with the inputs, so both sides predict the same tokens.
-      output = model(input_ids=inputs, labels=targets, shift_labels=targets, use_cache=False)
-      output.loss.backward()
-      if t.grad_clip and t.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float(t.grad_clip))
-      optimizer.step()
-      return output
+  def step():
+    nonlocal last
+    inputs, targets = next(batch_iter)
+    last = None  # freed before the next step allocates its outputs
+    optimizer.zero_grad(set_to_none=True)
+    # `labels` are shifted by one inside the loss; `shift_labels` passes targets already aligned
+    # with the inputs, so both sides predict the same tokens.
+    output = model(input_ids=inputs, labels=targets, shift_labels=targets, use_cache=False)
+    output.loss.backward()
+    if t.grad_clip and t.grad_clip > 0:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), float(t.grad_clip))
+    optimizer.step()
+    last = output
 
-    ms, last = time_call(run, repeats=repeats, warmup=warmup)
-  lm_loss = last.loss.item() - model.config.router_aux_loss_coef * last.aux_loss.item()
-  return {
-    "ms": ms,
-    "params": num_params,
-    "loss": lm_loss,
-    "attention": model.config._attn_implementation,
-    "experts": model.config._experts_implementation,
-  }
+  def summary():
+    lm_loss = last.loss.item() - model.config.router_aux_loss_coef * last.aux_loss.item()
+    return {
+      "params": num_params,
+      "loss": lm_loss,
+      "attention": model.config._attn_implementation,
+      "experts": model.config._experts_implementation,
+    }
+
+  return step, summary
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,21 +400,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
       model_config.vocab_size, b, s, 1 + args.warmup + args.repeats, args.seed
     )
 
-    moejax = bench_moejax(config, model_config, batches, **timing)
-    print(f"{spec}: moejax {moejax['ms']:.1f} ms/step", file=sys.stderr, flush=True)
-    hf = {}
+    runners = {"moejax": moejax_runner(config, model_config, batches)}
     if not args.skip_hf:
-      hf = bench_hf(
-        config,
-        model_config,
-        batches,
-        threads=threads,
-        attention=args.hf_attention,
-        experts=args.hf_experts,
-        **timing,
+      runners["hf"] = hf_runner(
+        config, model_config, batches, attention=args.hf_attention, experts=args.hf_experts
       )
+    # The two step in turns (see time_interleaved); torch's thread count does not touch XLA's.
+    with torch_threads(threads) if not args.skip_hf else contextlib.nullcontext():
+      ms = time_interleaved({name: run for name, (run, _) in runners.items()}, **timing)
+    moejax = {"ms": ms["moejax"], **runners["moejax"][1]()}
+    hf = {} if args.skip_hf else {"ms": ms["hf"], **runners["hf"][1]()}
+    if hf:
       hf_impl = (hf["attention"], hf["experts"])
-      print(f"{spec}: hf {hf['ms']:.1f} ms/step", file=sys.stderr, flush=True)
+    for name, value in ms.items():
+      print(f"{spec}: {name} {value:.1f} ms/step", file=sys.stderr, flush=True)
 
     tokens = b * s
     moejax_tps = tokens / moejax["ms"] * 1e3
@@ -466,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     f"Training step (fwd + bwd + clip + AdamW), float32, random tokens; {devices[0].platform} "
     f"x{len(devices)} ({cpu_name()}); {versions}{versions_note}; threads: XLA:CPU {cpu_count()} cores, "
     f"torch.set_num_threads({threads}); moejax Trainer.train_step (jit, donated state); {hf_desc}; "
-    f"median of {args.repeats} after the first + {args.warmup} warm-up steps; "
+    f"median of {args.repeats} steps each, the two taking turns, after the first + {args.warmup} "
+    "warm-up steps; "
     f"moejax/hf = ratio of tokens/s"
   )
   print(format_table(rows, header))

@@ -12,7 +12,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 
@@ -60,6 +60,29 @@ def time_call(fn: Callable[[], Any], *, repeats: int, warmup: int) -> tuple[floa
 def time_ms(fn: Callable[[], Any], *, repeats: int, warmup: int) -> float:
   """Median wall time of `fn()` in milliseconds (see `time_call`)."""
   return time_call(fn, repeats=repeats, warmup=warmup)[0]
+
+
+def time_interleaved(
+  fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int
+) -> dict[str, float]:
+  """{name: median wall time of fns[name]() in ms}, the calls of all `fns` taken in turns.
+
+  Each function's first call and `warmup` more are not timed; then every round times one call of
+  each, in order. A shared machine whose speed drifts (a VM on a busy host: 20-30% within an hour
+  on ours) then slows every contender alike, where timing one after the other would credit the
+  drift to whichever ran in the faster stretch. `fns` must block until their results are ready and
+  keep only their latest result alive (see `time_call`).
+  """
+  for fn in fns.values():
+    for _ in range(1 + warmup):
+      fn()
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append((time.perf_counter() - start) * 1e3)
+  return {name: statistics.median(t) for name, t in times.items()}
 
 
 @contextlib.contextmanager

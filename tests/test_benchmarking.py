@@ -1,0 +1,25 @@
+"""moejax.benchmarking's timers, on a fake clock."""
+
+from moejax import benchmarking
+
+
+def test_time_interleaved_warms_each_then_takes_turns(monkeypatch):
+  clock = [0.0]
+  monkeypatch.setattr(benchmarking.time, "perf_counter", lambda: clock[0])
+  calls = []
+
+  def fn(name, seconds):
+    def run():
+      calls.append(name)
+      clock[0] += seconds.pop(0) if isinstance(seconds, list) else seconds
+
+    return run
+
+  # "a" slows down over time (a drifting machine); "b" always takes 5 ms.
+  a_times = [1.0, 1.0] + [0.002, 0.003, 0.010]
+  ms = benchmarking.time_interleaved(
+    {"a": fn("a", a_times), "b": fn("b", 0.005)}, repeats=3, warmup=1
+  )
+  assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3  # first + warm-up each, then turns
+  assert ms.keys() == {"a", "b"}
+  assert abs(ms["a"] - 3.0) < 1e-9 and abs(ms["b"] - 5.0) < 1e-9  # medians, in ms
