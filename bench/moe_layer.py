@@ -3,7 +3,7 @@
     python bench/moe_layer.py --out runs/bench_moe_layer.json   # and the plot bench_moe_layer.png
 
 Defaults: T=4096 tokens, D=512, expert hidden F=1024, top-2, E in {8, 32, 128, 256}, float32 and
-bfloat16 (`--dtypes`). For every (dtype, E), one process measures, one after the other:
+bfloat16 (`--dtypes`). For every (dtype, E), one process measures, the contenders taking turns:
 
 - `moejax`: `moejax.moe.MoE` (dropless dispatch, `gmm_backend="auto"` unless told otherwise);
 - `capacity`: the same layer with capacity dispatch, capacity_factor=1.0 (reference column);
@@ -14,9 +14,11 @@ bfloat16 (`--dtypes`). For every (dtype, E), one process measures, one after the
   (`hf/dense` mixes PyTorch's and XLA's matmuls).
 
 "forward+backward" is the gradient of sum(y * cot) with respect to every parameter and the input x.
-Each JAX step is one `jax.jit`, compiled ahead of time (`.lower(...).compile()`); its first call and
-`--warmup` further calls are not timed; the table reports the median of `--repeats` timed calls in
-milliseconds. PyTorch runs with `torch.set_num_threads` set to the cores XLA:CPU uses, so both
+Each JAX step is one `jax.jit`, compiled ahead of time (`.lower(...).compile()`). Every
+contender's first call and `--warmup` further calls are not timed; then each round times one call of
+every contender in turn (`moejax.benchmarking.time_interleaved`), so that the machine's drift in
+speed (20-30% within an hour on our 2-core VM) slows them alike, and the table reports each one's
+median over `--repeats` rounds in milliseconds. PyTorch runs with `torch.set_num_threads` set to the cores XLA:CPU uses, so both
 frameworks get the same cores.
 
 A bfloat16 row holds the parameters, x, the cotangent and the activations in bfloat16 in all four
@@ -37,8 +39,8 @@ dense FFN of the same active FLOPs.
 Every (dtype, E) row is measured in a fresh process (`--no-isolate`: all in this one). Run one
 after the other in one process, the layer at E=128 measured 1.2 s in one run and 2.0 s in another,
 after the larger and the PyTorch steps had left the host heap fragmented (moejax.hostmem keeps
-freed memory in the process); in a fresh process the implementations of a row still run one after
-the other (dense, moejax, capacity, transformers, PyTorch dense).
+freed memory in the process); within a row's process the implementations take turns (dense,
+moejax, capacity, transformers, PyTorch dense).
 
 Options beyond the shapes: `--dtypes float32,bfloat16`; `--plot FILE.png` draws time against E
 (log2 axis) at fixed active FLOPs, one panel per dtype, for moejax, transformers, the dense FFNs and
@@ -48,6 +50,7 @@ capacity dispatch (default: the `--out` path with `.png`; `--plot none` draws no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -67,8 +70,7 @@ from moejax.benchmarking import (
   cpu_count,
   cpu_name,
   markdown_table,
-  time_call,
-  time_ms,
+  time_interleaved,
   torch_threads,
   write_rows,
 )
@@ -105,11 +107,25 @@ def _compile(fn: Callable, *args) -> tuple[jax.stages.Compiled, float | None]:
   return compiled, peak_mib(compiled)
 
 
-def bench_moejax(
-  layer: MoE, x: jax.Array, cot: jax.Array, *, repeats: int, warmup: int
-) -> tuple[float, np.ndarray, float | None]:
-  """Times the jitted forward+backward of `layer` on x [B, S, D]; returns (ms, y [B, S, D] as
-  float32, peak MiB)."""
+# A contender: (run, result). `run()` does one forward+backward and waits for it, keeping only its
+# latest outputs alive; `result()` reads what the row needs from the latest call.
+Runner = tuple[Callable[[], None], Callable[[], Any]]
+
+
+def _keep_latest(step: Callable[[], Any]) -> Runner:
+  """`step` as a Runner whose result() is the latest call's return value."""
+  latest = [None]
+
+  def run():
+    latest[0] = None  # freed before the next call allocates its outputs
+    latest[0] = step()
+
+  return run, lambda: latest[0]
+
+
+def moejax_runner(layer: MoE, x: jax.Array, cot: jax.Array) -> tuple[Runner, float | None]:
+  """The jitted forward+backward of `layer` on x [B, S, D], and its peak MiB; the Runner's
+  result() is y [B, S, D] as float32."""
   graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
 
   def loss_fn(params, x, cot):
@@ -117,16 +133,15 @@ def bench_moejax(
     return jnp.sum(y * cot), y
 
   step, peak = _compile(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True), params, x, cot)
-  run = lambda: jax.block_until_ready(step(params, x, cot))
-  ms, ((_, y), _) = time_call(run, repeats=repeats, warmup=warmup)
-  return ms, np.asarray(y, np.float32), peak
+  run, latest = _keep_latest(lambda: jax.block_until_ready(step(params, x, cot)))
+  return (run, lambda: np.asarray(latest()[0][1], np.float32)), peak
 
 
-def bench_dense(
-  x: jax.Array, cot: jax.Array, hidden: int, *, repeats: int, warmup: int, seed: int = 0
-) -> tuple[float, float | None]:
-  """Times forward+backward of a dense SwiGLU FFN D -> hidden -> D on x [B, S, D], with parameters
-  in x's dtype; returns (ms, peak MiB)."""
+def dense_runner(
+  x: jax.Array, cot: jax.Array, hidden: int, *, seed: int = 0
+) -> tuple[Runner, float | None]:
+  """Forward+backward of a dense SwiGLU FFN D -> hidden -> D on x [B, S, D], with parameters in
+  x's dtype, and its peak MiB."""
   d = x.shape[-1]
   rng = np.random.default_rng(seed)  # numpy, not jax.random: eager jax ops each compile
   normal = lambda *shape: jnp.asarray(
@@ -140,8 +155,7 @@ def bench_dense(
     return jnp.sum(y * cot.reshape(-1, d))
 
   step, peak = _compile(jax.grad(loss_fn, argnums=(0, 1)), params, x, cot)
-  ms = time_ms(lambda: jax.block_until_ready(step(params, x, cot)), repeats=repeats, warmup=warmup)
-  return ms, peak
+  return _keep_latest(lambda: jax.block_until_ready(step(params, x, cot))), peak
 
 
 def _torch_dtype(dtype) -> Any:
@@ -157,9 +171,9 @@ def _to_torch(a, dtype=None) -> Any:
   return torch.from_numpy(np.array(a, np.float32)).to(dtype or torch.float32)
 
 
-def _time_torch(module: Any, x: jax.Array, cot: jax.Array, *, repeats: int, warmup: int):
-  """Times forward + `sum(y * cot).backward()` of a torch module on x and cot in their own dtype
-  (the module must hold that dtype); returns (ms, y as float32 numpy)."""
+def _torch_runner(module: Any, x: jax.Array, cot: jax.Array) -> Runner:
+  """Forward + `sum(y * cot).backward()` of a torch module on x and cot in their own dtype (the
+  module must hold that dtype); the Runner's result() is y as float32 numpy."""
   dtype = _torch_dtype(x.dtype)
   x_t, cot_t = _to_torch(x, dtype).requires_grad_(True), _to_torch(cot, dtype)
 
@@ -170,22 +184,15 @@ def _time_torch(module: Any, x: jax.Array, cot: jax.Array, *, repeats: int, warm
     (y * cot_t).sum().backward()
     return y.detach()
 
-  ms, y = time_call(run, repeats=repeats, warmup=warmup)
-  return ms, y.float().numpy()
+  run, latest = _keep_latest(run)
+  return run, lambda: latest().float().numpy()
 
 
-def bench_hf(
-  layer: MoE,
-  x: jax.Array,
-  cot: jax.Array,
-  *,
-  repeats: int,
-  warmup: int,
-  threads: int,
-  experts_implementation: str = HF_EXPERTS_DEFAULT,
-) -> tuple[float, np.ndarray]:
-  """Times forward + `loss.backward()` of transformers' `MixtralSparseMoeBlock` holding the weights
-  of the (softmax top-k, SwiGLU) moejax `layer`, in x's dtype; returns (ms, y [B, S, D] float32).
+def hf_runner(
+  layer: MoE, x: jax.Array, cot: jax.Array, *, experts_implementation: str = HF_EXPERTS_DEFAULT
+) -> Runner:
+  """Forward + `loss.backward()` of transformers' `MixtralSparseMoeBlock` holding the weights of
+  the (softmax top-k, SwiGLU) moejax `layer`, in x's dtype; result() is y [B, S, D] float32.
 
   The block is used as transformers ships it; only its experts implementation is named (see
   `HF_EXPERTS_DEFAULT`). It returns the hidden states alone (router logits are not an output).
@@ -196,7 +203,7 @@ def bench_hf(
 
   c = layer.config
   if c.router != "softmax_topk" or c.activation != "swiglu" or c.num_shared_experts:
-    raise ValueError("bench_hf: Mixtral's block is a softmax top-k router over SwiGLU experts.")
+    raise ValueError("hf_runner: Mixtral's block is a softmax top-k router over SwiGLU experts.")
   config = MixtralConfig(
     hidden_size=c.d_model,
     intermediate_size=c.expert_hidden_dim,
@@ -204,28 +211,25 @@ def bench_hf(
     num_experts_per_tok=c.top_k,
     experts_implementation=experts_implementation,
   )
-  with torch_threads(threads):
-    block = MixtralSparseMoeBlock(config).to(_torch_dtype(x.dtype)).train()
-    # Its parameters are created with torch.empty; copy moejax's into Mixtral's layout:
-    # router [E, D]; gate_up_proj [E, 2F, D], gate rows first; down_proj [E, D, F]. (`copy_` casts
-    # to the block's dtype; the values are the layer's own, so they round to themselves.)
-    w_gate, w_up = np.asarray(layer.experts.w_gate[...]), np.asarray(layer.experts.w_up[...])
-    with torch.no_grad():
-      block.gate.weight.copy_(_to_torch(np.asarray(layer.router.kernel[...]).T))
-      block.experts.gate_up_proj.copy_(
-        _to_torch(np.concatenate([w_gate.transpose(0, 2, 1), w_up.transpose(0, 2, 1)], axis=1))
-      )
-      block.experts.down_proj.copy_(
-        _to_torch(np.asarray(layer.experts.w_down[...]).transpose(0, 2, 1))
-      )
-    return _time_torch(block, x, cot, repeats=repeats, warmup=warmup)
+  block = MixtralSparseMoeBlock(config).to(_torch_dtype(x.dtype)).train()
+  # Its parameters are created with torch.empty; copy moejax's into Mixtral's layout:
+  # router [E, D]; gate_up_proj [E, 2F, D], gate rows first; down_proj [E, D, F]. (`copy_` casts
+  # to the block's dtype; the values are the layer's own, so they round to themselves.)
+  w_gate, w_up = np.asarray(layer.experts.w_gate[...]), np.asarray(layer.experts.w_up[...])
+  with torch.no_grad():
+    block.gate.weight.copy_(_to_torch(np.asarray(layer.router.kernel[...]).T))
+    block.experts.gate_up_proj.copy_(
+      _to_torch(np.concatenate([w_gate.transpose(0, 2, 1), w_up.transpose(0, 2, 1)], axis=1))
+    )
+    block.experts.down_proj.copy_(
+      _to_torch(np.asarray(layer.experts.w_down[...]).transpose(0, 2, 1))
+    )
+  return _torch_runner(block, x, cot)
 
 
-def bench_torch_dense(
-  x: jax.Array, cot: jax.Array, hidden: int, *, repeats: int, warmup: int, threads: int
-) -> float:
-  """Times forward+backward of the dense SwiGLU FFN in PyTorch, in x's dtype: the dense bar on
-  torch's own matmuls, so that hf/torch_dense compares like with like."""
+def torch_dense_runner(x: jax.Array, cot: jax.Array, hidden: int) -> Runner:
+  """Forward+backward of the dense SwiGLU FFN in PyTorch, in x's dtype: the dense bar on torch's
+  own matmuls, so that hf/torch_dense compares like with like."""
   import torch
 
   class SwiGLU(torch.nn.Module):
@@ -239,11 +243,9 @@ def bench_torch_dense(
       h = x.reshape(-1, x.shape[-1])  # [T, D]
       return self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h)).reshape(x.shape)
 
-  with torch_threads(threads):
-    torch.manual_seed(0)
-    module = SwiGLU(x.shape[-1], hidden).to(_torch_dtype(x.dtype))
-    ms, _ = _time_torch(module, x, cot, repeats=repeats, warmup=warmup)
-  return ms
+  torch.manual_seed(0)
+  module = SwiGLU(x.shape[-1], hidden).to(_torch_dtype(x.dtype))
+  return _torch_runner(module, x, cot)
 
 
 def _with_config(layer: MoE, config: MoEConfig) -> MoE:
@@ -416,7 +418,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     f"threads: XLA:CPU {cpu_count()} cores, torch.set_num_threads({threads}); "
     f"moejax dispatch={args.dispatch} gmm_backend={args.backend}, capacity_factor="
     f"{args.capacity_factor}; hf experts_implementation={args.hf_experts}; median of "
-    f"{args.repeats} after compile + {args.warmup} warm-up, ms; peak: XLA buffer assignment of "
+    f"{args.repeats} rounds, contenders in turn, after compile + {args.warmup} warm-up, ms; peak: XLA buffer assignment of "
     f"the JAX step (arguments + outputs + temporaries), MiB"
   )
 
@@ -441,19 +443,26 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
           param_dtype=dtype,
         )
         layer = MoE(config, rngs=nnx.Rngs(args.seed))
-        dense_ms, dense_peak = bench_dense(x, cot, k * f, seed=args.seed, **timing)
-        moejax_ms, y, moejax_peak = bench_moejax(layer, x, cot, **timing)
-        capacity_ms = capacity_peak = None
+        runners = {}
+        runners["dense"], dense_peak = dense_runner(x, cot, k * f, seed=args.seed)
+        runners["moejax"], moejax_peak = moejax_runner(layer, x, cot)
+        capacity_peak = None
         if not args.skip_capacity:
           capacity_layer = _with_config(layer, config.replace(dispatch="capacity"))
-          capacity_ms, _, capacity_peak = bench_moejax(capacity_layer, x, cot, **timing)
-        hf_ms = hf_diff = torch_dense_ms = None
+          runners["capacity"], capacity_peak = moejax_runner(capacity_layer, x, cot)
         if not args.skip_hf:
-          hf_ms, y_hf = bench_hf(
-            layer, x, cot, threads=threads, experts_implementation=args.hf_experts, **timing
-          )
-          hf_diff = float(np.max(np.abs(y - y_hf)))  # both float32 copies of the row-dtype outputs
-          torch_dense_ms = bench_torch_dense(x, cot, k * f, threads=threads, **timing)
+          runners["hf"] = hf_runner(layer, x, cot, experts_implementation=args.hf_experts)
+          runners["torch_dense"] = torch_dense_runner(x, cot, k * f)
+        # All contenders take turns (see time_interleaved); torch's threads leave XLA's alone.
+        with torch_threads(threads) if not args.skip_hf else contextlib.nullcontext():
+          ms = time_interleaved({name: run for name, (run, _) in runners.items()}, **timing)
+        dense_ms, moejax_ms = ms["dense"], ms["moejax"]
+        capacity_ms, hf_ms, torch_dense_ms = (ms.get(n) for n in ("capacity", "hf", "torch_dense"))
+        y = runners["moejax"][1]()
+        hf_diff = None
+        if not args.skip_hf:  # both float32 copies of the row-dtype outputs
+          hf_diff = float(np.max(np.abs(y - runners["hf"][1]())))
+        del runners
         rows.append(
           {
             "E": e,

@@ -216,7 +216,7 @@ def check_mixtral_shaped(c: ModelConfig) -> None:
   if c.dtype.name != "float32" or c.param_dtype.name != "float32":
     problems.append("dtype=param_dtype='float32'")
   if problems:
-    raise ValueError("bench_hf: MixtralForCausalLM needs " + "; ".join(problems))
+    raise ValueError("hf_runner: MixtralForCausalLM needs " + "; ".join(problems))
 
 
 def build_hf_model(
