@@ -18,8 +18,8 @@ Each JAX step is one `jax.jit`, compiled ahead of time (`.lower(...).compile()`)
 contender's first call and `--warmup` further calls are not timed; then each round times one call of
 every contender in turn (`moejax.benchmarking.time_interleaved`), so that the machine's drift in
 speed (20-30% within an hour on our 2-core VM) slows them alike, and the table reports each one's
-median over `--repeats` rounds in milliseconds. PyTorch runs with `torch.set_num_threads` set to the cores XLA:CPU uses, so both
-frameworks get the same cores.
+median over `--repeats` rounds in milliseconds. PyTorch runs with `torch.set_num_threads` set to
+the cores XLA:CPU uses, so both frameworks get the same cores.
 
 A bfloat16 row holds the parameters, x, the cotangent and the activations in bfloat16 in all four
 implementations (`MoEConfig(dtype=param_dtype=bfloat16)`, `module.to(torch.bfloat16)`); moejax's
@@ -69,6 +69,7 @@ from moejax import hostmem
 from moejax.benchmarking import (
   cpu_count,
   cpu_name,
+  keep_latest,
   markdown_table,
   time_interleaved,
   torch_threads,
@@ -108,19 +109,8 @@ def _compile(fn: Callable, *args) -> tuple[jax.stages.Compiled, float | None]:
 
 
 # A contender: (run, result). `run()` does one forward+backward and waits for it, keeping only its
-# latest outputs alive; `result()` reads what the row needs from the latest call.
+# latest outputs alive (`keep_latest`); `result()` reads what the row needs from the latest call.
 Runner = tuple[Callable[[], None], Callable[[], Any]]
-
-
-def _keep_latest(step: Callable[[], Any]) -> Runner:
-  """`step` as a Runner whose result() is the latest call's return value."""
-  latest = [None]
-
-  def run():
-    latest[0] = None  # freed before the next call allocates its outputs
-    latest[0] = step()
-
-  return run, lambda: latest[0]
 
 
 def moejax_runner(layer: MoE, x: jax.Array, cot: jax.Array) -> tuple[Runner, float | None]:
@@ -133,7 +123,7 @@ def moejax_runner(layer: MoE, x: jax.Array, cot: jax.Array) -> tuple[Runner, flo
     return jnp.sum(y * cot), y
 
   step, peak = _compile(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True), params, x, cot)
-  run, latest = _keep_latest(lambda: jax.block_until_ready(step(params, x, cot)))
+  run, latest = keep_latest(lambda: jax.block_until_ready(step(params, x, cot)))
   return (run, lambda: np.asarray(latest()[0][1], np.float32)), peak
 
 
@@ -155,7 +145,7 @@ def dense_runner(
     return jnp.sum(y * cot.reshape(-1, d))
 
   step, peak = _compile(jax.grad(loss_fn, argnums=(0, 1)), params, x, cot)
-  return _keep_latest(lambda: jax.block_until_ready(step(params, x, cot))), peak
+  return keep_latest(lambda: jax.block_until_ready(step(params, x, cot))), peak
 
 
 def _torch_dtype(dtype) -> Any:
@@ -184,7 +174,7 @@ def _torch_runner(module: Any, x: jax.Array, cot: jax.Array) -> Runner:
     (y * cot_t).sum().backward()
     return y.detach()
 
-  run, latest = _keep_latest(run)
+  run, latest = keep_latest(run)
   return run, lambda: latest().float().numpy()
 
 
@@ -414,12 +404,13 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   devices = jax.devices()
   header = (
     f"MoE layer forward+backward, {', '.join(args.dtypes)}, T={t} D={d} F={f} top-{k}, dense "
-    f"SwiGLU hidden {k * f}; {devices[0].platform} x{len(devices)} ({cpu_name()}); {versions}{versions_note}; "
+    f"SwiGLU hidden {k * f}; {devices[0].platform} x{len(devices)} ({cpu_name()}); "
+    f"{versions}{versions_note}; "
     f"threads: XLA:CPU {cpu_count()} cores, torch.set_num_threads({threads}); "
     f"moejax dispatch={args.dispatch} gmm_backend={args.backend}, capacity_factor="
     f"{args.capacity_factor}; hf experts_implementation={args.hf_experts}; median of "
-    f"{args.repeats} rounds, contenders in turn, after compile + {args.warmup} warm-up, ms; peak: XLA buffer assignment of "
-    f"the JAX step (arguments + outputs + temporaries), MiB"
+    f"{args.repeats} rounds, contenders in turn, after compile + {args.warmup} warm-up, ms; "
+    "peak: XLA buffer assignment of the JAX step (arguments + outputs + temporaries), MiB"
   )
 
   if args.isolate and len(args.dtypes) * len(experts) > 1:

@@ -54,6 +54,7 @@ from moejax import hostmem, sharding
 from moejax.benchmarking import (
   cpu_count,
   cpu_name,
+  keep_latest,
   markdown_table,
   time_interleaved,
   torch_threads,
@@ -292,12 +293,9 @@ def hf_runner(
     (torch.from_numpy(b["inputs"]).long(), torch.from_numpy(b["targets"]).long()) for b in batches
   ]
   batch_iter = itertools.cycle(torch_batches)
-  last = None
 
   def step():
-    nonlocal last
     inputs, targets = next(batch_iter)
-    last = None  # freed before the next step allocates its outputs
     optimizer.zero_grad(set_to_none=True)
     # `labels` are shifted by one inside the loss; `shift_labels` passes targets already aligned
     # with the inputs, so both sides predict the same tokens.
@@ -306,9 +304,12 @@ def hf_runner(
     if t.grad_clip and t.grad_clip > 0:
       torch.nn.utils.clip_grad_norm_(model.parameters(), float(t.grad_clip))
     optimizer.step()
-    last = output
+    return output
+
+  run, latest = keep_latest(step)
 
   def summary():
+    last = latest()
     lm_loss = last.loss.item() - model.config.router_aux_loss_coef * last.aux_loss.item()
     return {
       "params": num_params,
@@ -317,7 +318,7 @@ def hf_runner(
       "experts": model.config._experts_implementation,
     }
 
-  return step, summary
+  return run, summary
 
 
 # --------------------------------------------------------------------------------------------------

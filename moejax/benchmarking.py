@@ -57,9 +57,16 @@ def time_call(fn: Callable[[], Any], *, repeats: int, warmup: int) -> tuple[floa
   return statistics.median(times), result
 
 
-def time_ms(fn: Callable[[], Any], *, repeats: int, warmup: int) -> float:
-  """Median wall time of `fn()` in milliseconds (see `time_call`)."""
-  return time_call(fn, repeats=repeats, warmup=warmup)[0]
+def keep_latest(step: Callable[[], Any]) -> tuple[Callable[[], None], Callable[[], Any]]:
+  """(run, latest): `run()` calls `step()` and keeps only its return value, dropping the previous
+  one before the call (see `time_call`); `latest()` is that value."""
+  kept = [None]
+
+  def run():
+    kept[0] = None  # freed before the next call allocates its outputs
+    kept[0] = step()
+
+  return run, lambda: kept[0]
 
 
 def time_interleaved(
