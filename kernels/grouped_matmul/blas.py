@@ -11,11 +11,22 @@ and output buffers to Python as zero-copy arrays:
       gmm:   out[start:end] = lhs[start:end] @ rhs[e]             (rhs[e].T with transpose_rhs)
       tgmm:  out[e]         = lhs[start:end].T @ grad[start:end]  (zeros for an empty group)
 
-The GEMM is numpy's BLAS (OpenBLAS in numpy's wheels), threaded over the host's cores; numpy
-passes transposed views to it as transposed operands, so no operand is copied. Rows at or past
-sum(group_sizes) are zeroed, as every backend does. Measured on 2 cores with M=8192, D=512,
-F=1024 and E=128 groups of 64 rows (float32, ms): gmm 72 and tgmm 78 here, against 80 and 111 for
-the `cpu` backend's loops of XLA dots, and 53 for one dense [8192, 512] x [512, 1024] GEMM.
+The GEMMs are numpy's BLAS (OpenBLAS in numpy's wheels); numpy passes transposed views to it as
+transposed operands, so no operand is copied. Rows at or past sum(group_sizes) are zeroed, as every
+backend does.
+
+Threads. The kernels split each call over the host's cores themselves and run every GEMM on one
+BLAS thread (`set_num_threads`; default: the cores this process may use). gmm gives each thread an
+equal share of the routed rows (a group that straddles a boundary is cut in two); tgmm gives each
+an equal slice of every group's [D, F] gradient along its longer side (a group's rows cannot be
+cut without summing partial products). So the split is even however the tokens are routed. One
+thread runs on the calling XLA thread, the others on persistent workers that sleep on a queue.
+Letting OpenBLAS thread each GEMM instead was slower in a training step: its idle workers spin
+for ~0.1 s after every call (2^28 cycles), on the cores XLA's next ops need, and each small GEMM
+pays its own fork and join. Measured on 2 cores, alternating steps in one process (median ms):
+the Mixtral tiny train step 313 -> 294 and the small one (8x512 tokens) 9039 -> 7641. Isolated
+calls are as fast either way: M=8192, D=512, F=1024, E=32, gmm 59-61 ms here against 64-69, and
+53 for one dense [8192, 512] x [512, 1024] GEMM.
 
 Dtypes. float32 and float64 go to BLAS as they are. Other inputs (bfloat16, float16) are cast to
 float32 by XLA before the call and the float32 result is cast to the output dtype after it: numpy
@@ -23,17 +34,25 @@ has no BLAS for them, and the products then accumulate in float32 as the op's co
 
 Where it runs. CPU only (the callback reads host memory). The callback runs where XLA places it:
 once per device inside `shard_map` (each on its own shard), or once on the whole array under plain
-`jit`. It holds the Python GIL while it loops over the groups, releasing it inside each GEMM; a
-program that keeps the GIL busy on another thread while a step runs will wait for it. A host
+`jit`. It holds the Python GIL between GEMMs, releasing it inside each; a program that keeps the
+GIL busy on another thread while a step runs will wait for it. While a call runs, every BLAS
+library in the process (threadpoolctl's view) is set to one thread, and restored after. A host
 callback cannot be serialised: `jax.export` of a computation that contains this backend fails
 ("serialization of host_callbacks is not yet implemented"); `gmm_backend="cpu"` is pure XLA.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import os
+import queue
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import threadpoolctl
 from jax.experimental.buffer_callback import buffer_callback
 
 from moejax.kernels.grouped_matmul.cpu import varying_axes
@@ -54,14 +73,155 @@ def _group_bounds(group_sizes, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
   return np.concatenate([[0], ends[:-1]]), ends
 
 
+class _SingleThreadedBLAS:
+  """A scope in which every BLAS numpy calls runs its GEMMs on one thread.
+
+  The host kernels below split their work over threads of their own; a BLAS that also threads each
+  GEMM would put two threads on every core. Worse, OpenBLAS's idle workers spin for a while after
+  each multi-threaded call, on the cores XLA's next ops need. Entering sets every BLAS library
+  threadpoolctl finds in the process to one thread; leaving the last open scope restores the
+  counts. Scopes may overlap (two callbacks on two XLA threads); only the outermost sets and
+  restores.
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._open = 0
+    self._saved: list = []
+    self._libraries = None
+
+  def __enter__(self):
+    with self._lock:
+      if self._open == 0:
+        if self._libraries is None:
+          self._libraries = threadpoolctl.ThreadpoolController().select(user_api="blas")
+        self._saved = [(lib, lib.num_threads) for lib in self._libraries.lib_controllers]
+        for lib, threads in self._saved:
+          if threads != 1:
+            lib.set_num_threads(1)
+      self._open += 1
+
+  def __exit__(self, *exc):
+    with self._lock:
+      self._open -= 1
+      if self._open == 0:
+        for lib, threads in self._saved:
+          if threads != 1:
+            lib.set_num_threads(threads)
+
+
+class _Workers:
+  """Persistent daemon threads that run a callback's parts next to the calling thread.
+
+  `run(parts)` runs parts[0] on the calling thread and each other part on a worker, and returns
+  when all are done (re-raising the first error). Workers wait on a queue, so an idle worker costs
+  no CPU. numpy releases the GIL inside each GEMM, so the parts run in parallel.
+  """
+
+  def __init__(self):
+    self._lock = threading.Lock()
+    self._tasks: queue.SimpleQueue = queue.SimpleQueue()
+    self._started = 0
+    # A forked child has none of the parent's threads.
+    os.register_at_fork(after_in_child=self._forget_threads)
+
+  def _forget_threads(self):
+    self._lock = threading.Lock()
+    self._tasks = queue.SimpleQueue()
+    self._started = 0
+
+  def _work(self, tasks):
+    while True:
+      part, done = tasks.get()
+      try:
+        part()
+      except BaseException as error:  # handed to the waiting caller, which re-raises it
+        done.put(error)
+      else:
+        done.put(None)
+
+  def run(self, parts) -> None:
+    with self._lock:
+      while self._started < len(parts) - 1:
+        threading.Thread(target=self._work, args=(self._tasks,), daemon=True).start()
+        self._started += 1
+    done: queue.SimpleQueue = queue.SimpleQueue()
+    for part in parts[1:]:
+      self._tasks.put((part, done))
+    errors = []
+    try:
+      parts[0]()
+    except BaseException as error:
+      errors.append(error)
+    errors += [e for e in (done.get() for _ in parts[1:]) if e is not None]
+    if errors:
+      raise errors[0]
+
+
+_single_threaded_blas = _SingleThreadedBLAS()
+_workers = _Workers()
+_num_threads: int | None = None  # None: the cores this process may run on
+
+# A part smaller than this costs more to hand to another thread (a queue put and a wake-up, tens
+# of microseconds) than it saves.
+_MIN_PART_FLOPS = 2**21
+
+
+def set_num_threads(threads: int | None) -> None:
+  """Sets how many threads the host kernels split a grouped matmul over; None (the default) uses
+  every core this process may run on (`os.sched_getaffinity`)."""
+  global _num_threads
+  if threads is not None and (
+    isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+  ):
+    raise ValueError(f"blas.set_num_threads: threads={threads!r}; allowed: an int >= 1, or None")
+  _num_threads = threads
+
+
+def num_threads() -> int:
+  """The threads the host kernels split a grouped matmul over (see `set_num_threads`)."""
+  if _num_threads is not None:
+    return _num_threads
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _num_parts(flops: int) -> int:
+  return max(1, min(num_threads(), flops // _MIN_PART_FLOPS))
+
+
+def _bounds(size: int, parts: int) -> list[tuple[int, int]]:
+  """`parts` contiguous ranges that cover [0, size) and differ in length by at most one."""
+  cuts = [size * k // parts for k in range(parts + 1)]
+  return list(itertools.pairwise(cuts))
+
+
+def _parallel(parts) -> None:
+  with _single_threaded_blas:
+    if len(parts) == 1:
+      parts[0]()
+    else:
+      _workers.run(parts)
+
+
 def _host_gmm(ctx, out, lhs, rhs, group_sizes, *, transpose_rhs: bool) -> None:
   del ctx
   out, lhs, rhs = np.asarray(out), np.asarray(lhs), np.asarray(rhs)
   starts, ends = _group_bounds(group_sizes, lhs.shape[0])
-  for e in np.flatnonzero(ends > starts).tolist():
-    w = rhs[e].T if transpose_rhs else rhs[e]  # [D, F], a view
-    np.matmul(lhs[starts[e] : ends[e]], w, out=out[starts[e] : ends[e]])
-  out[ends[-1] if ends.size else 0 :] = 0  # the rows past the groups
+  groups = np.flatnonzero(ends > starts).tolist()
+  routed = int(ends[-1]) if ends.size else 0
+  out[routed:] = 0  # the rows past the groups
+
+  def rows(first: int, last: int) -> None:
+    """out[first:last] (rows of consecutive groups), one GEMM per group piece."""
+    for e in groups:
+      lo, hi = max(int(starts[e]), first), min(int(ends[e]), last)
+      if lo < hi:
+        w = rhs[e].T if transpose_rhs else rhs[e]  # [D, F], a view
+        np.matmul(lhs[lo:hi], w, out=out[lo:hi])
+
+  # Every thread takes an equal share of the routed rows, whatever the groups' sizes.
+  parts = _bounds(routed, _num_parts(2 * routed * lhs.shape[1] * out.shape[1]))
+  _parallel([functools.partial(rows, *p) for p in parts])
 
 
 def _host_tgmm(ctx, out, lhs, grad, group_sizes) -> None:
@@ -69,10 +229,23 @@ def _host_tgmm(ctx, out, lhs, grad, group_sizes) -> None:
   out, lhs, grad = np.asarray(out), np.asarray(lhs), np.asarray(grad)
   starts, ends = _group_bounds(group_sizes, lhs.shape[0])
   has_rows = ends > starts
-  for e in np.flatnonzero(has_rows).tolist():
-    rows = slice(starts[e], ends[e])
-    np.matmul(lhs[rows].T, grad[rows], out=out[e])  # [D, rows] @ [rows, F]
+  groups = np.flatnonzero(has_rows).tolist()
   out[~has_rows] = 0
+  num_d, num_f = out.shape[1:]
+
+  # Every thread takes an equal slice of each group's [D, F] gradient, along its longer side: a
+  # group's rows cannot be split without adding partial sums.
+  def block(first: int, last: int) -> None:
+    for e in groups:
+      r = slice(starts[e], ends[e])
+      if num_f >= num_d:  # [D, rows] @ [rows, F slice] -> out[e][:, slice]
+        np.matmul(lhs[r].T, grad[r, first:last], out=out[e, :, first:last])
+      else:  # [D slice, rows] @ [rows, F] -> out[e][slice]
+        np.matmul(lhs[r, first:last].T, grad[r], out=out[e, first:last])
+
+  routed = int(ends[-1]) if ends.size else 0
+  parts = _bounds(max(num_d, num_f), _num_parts(2 * routed * num_d * num_f))
+  _parallel([functools.partial(block, *p) for p in parts])
 
 
 def _call(kernel, shape, dtype, out_dtype, *operands):

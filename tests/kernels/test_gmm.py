@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from moejax.kernels import gmm, tgmm
-from moejax.kernels.grouped_matmul import cpu, ops
+from moejax.kernels.grouped_matmul import blas, cpu, ops
 
 BACKENDS = ("reference", "xla", "cpu", "blas")
 # The backends whose kernels run under the custom VJP, which shard_map must type correctly.
@@ -416,6 +416,65 @@ def test_tgmm_and_dtype_errors():
     gmm(lhs, jnp.zeros((2, 3, 2)), jnp.asarray([2.0, 2.0]))
   with pytest.raises(ValueError, match=r"block_m must be a positive int"):
     cpu.gmm(lhs, jnp.zeros((2, 3, 2)), group_sizes, block_m=0)
+
+
+# (M, D, F, group_sizes) with D > F, so tgmm slices its gradient along D, not F.
+BLAS_TALL_CASE = (45, 40, 24, (0, 17, 3, 0, 20))
+
+
+@pytest.mark.parametrize("threads", [2, 3, 7])
+@pytest.mark.parametrize("case", [*CASES, "tall"])
+def test_blas_split_over_threads_matches_numpy(monkeypatch, case, threads):
+  """Every way the host kernels cut a call across threads (row shares that straddle groups, more
+  threads than rows, gradient slices along D or F) gives the per-group products."""
+  monkeypatch.setattr(blas, "_MIN_PART_FLOPS", 1)  # split even these small shapes
+  monkeypatch.setattr(blas, "_num_threads", threads)
+  m, d, f, sizes = BLAS_TALL_CASE if case == "tall" else CASES[case]
+  lhs, rhs, group_sizes, dout = _inputs(m, d, f, sizes, seed=threads)
+  out, dlhs, drhs = _gmm_and_grads("blas", lhs, rhs, group_sizes, dout)
+  np_dlhs, np_drhs = _numpy_gmm_vjp(lhs, rhs, sizes, dout)
+  assert _rel_err(out, _numpy_gmm(lhs, rhs, sizes)) < F32_TOL
+  assert _rel_err(dlhs, np_dlhs) < F32_TOL
+  assert _rel_err(drhs, np_drhs) < F32_TOL
+  np.testing.assert_array_equal(out[sum(sizes) :], 0.0)
+  for e, size in enumerate(sizes):
+    if size == 0:
+      np.testing.assert_array_equal(drhs[e], 0.0)
+
+
+def test_blas_restores_the_blas_thread_count():
+  """The kernels run each GEMM on one BLAS thread and hand the previous counts back after."""
+  import threadpoolctl
+
+  def counts():
+    return [
+      lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"
+    ]
+
+  with threadpoolctl.threadpool_limits(2, user_api="blas"):
+    before = counts()
+    lhs, rhs, group_sizes, dout = _inputs(*CASES["ragged_with_empty_and_trailing_rows"])
+    jax.block_until_ready(_gmm_and_grads("blas", lhs, rhs, group_sizes, dout))
+    assert counts() == before
+
+
+def test_blas_workers_reraise_and_keep_working():
+  """A part that raises on a worker surfaces in the caller; the workers serve the next call."""
+  done = []
+
+  def fail():
+    raise RuntimeError("part failed")
+
+  with pytest.raises(RuntimeError, match="part failed"):
+    blas._workers.run([lambda: done.append(0), fail])
+  blas._workers.run([lambda: done.append(1), lambda: done.append(2), lambda: done.append(3)])
+  assert sorted(done) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_blas_set_num_threads_rejects(threads):
+  with pytest.raises(ValueError, match=rf"threads={threads!r}; allowed: an int >= 1, or None"):
+    blas.set_num_threads(threads)
 
 
 def test_blas_under_jit_with_sharded_inputs():
