@@ -90,6 +90,11 @@ class _SingleThreadedBLAS:
     self._saved: list = []
     self._libraries = None
 
+  @property
+  def open_scopes(self) -> int:
+    """How many calls are inside the scope now (this one included, when asked from inside)."""
+    return self._open
+
   def __enter__(self):
     with self._lock:
       if self._open == 0:
@@ -185,22 +190,26 @@ def num_threads() -> int:
   return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _num_parts(flops: int) -> int:
-  return max(1, min(num_threads(), flops // _MIN_PART_FLOPS))
-
-
 def _bounds(size: int, parts: int) -> list[tuple[int, int]]:
   """`parts` contiguous ranges that cover [0, size) and differ in length by at most one."""
   cuts = [size * k // parts for k in range(parts + 1)]
   return list(itertools.pairwise(cuts))
 
 
-def _parallel(parts) -> None:
+def _run_split(run, size: int, flops: int) -> None:
+  """Runs `run(first, last)` over ranges that cover [0, size), one per thread.
+
+  The threads are `num_threads()` shared among the calls running at the same moment (XLA runs
+  independent ops, e.g. a layer's input and weight gradients, side by side), and no more than
+  keeps each range above `_MIN_PART_FLOPS` of the call's `flops`.
+  """
   with _single_threaded_blas:
+    share = max(1, num_threads() // max(1, _single_threaded_blas.open_scopes))
+    parts = _bounds(size, max(1, min(share, flops // _MIN_PART_FLOPS)))
     if len(parts) == 1:
-      parts[0]()
+      run(*parts[0])
     else:
-      _workers.run(parts)
+      _workers.run([functools.partial(run, *p) for p in parts])
 
 
 def _host_gmm(ctx, out, lhs, rhs, group_sizes, *, transpose_rhs: bool) -> None:
@@ -220,8 +229,7 @@ def _host_gmm(ctx, out, lhs, rhs, group_sizes, *, transpose_rhs: bool) -> None:
         np.matmul(lhs[lo:hi], w, out=out[lo:hi])
 
   # Every thread takes an equal share of the routed rows, whatever the groups' sizes.
-  parts = _bounds(routed, _num_parts(2 * routed * lhs.shape[1] * out.shape[1]))
-  _parallel([functools.partial(rows, *p) for p in parts])
+  _run_split(rows, routed, 2 * routed * lhs.shape[1] * out.shape[1])
 
 
 def _host_tgmm(ctx, out, lhs, grad, group_sizes) -> None:
@@ -244,8 +252,7 @@ def _host_tgmm(ctx, out, lhs, grad, group_sizes) -> None:
         np.matmul(lhs[r, first:last].T, grad[r], out=out[e, first:last])
 
   routed = int(ends[-1]) if ends.size else 0
-  parts = _bounds(max(num_d, num_f), _num_parts(2 * routed * num_d * num_f))
-  _parallel([functools.partial(block, *p) for p in parts])
+  _run_split(block, max(num_d, num_f), 2 * routed * num_d * num_f)
 
 
 def _call(kernel, shape, dtype, out_dtype, *operands):
