@@ -191,7 +191,11 @@ def _softmax_attend_fwd(q, k, v, bias, scale):
   """
   b, h_kv, g, s, _ = q.shape
   t = k.shape[2]
-  scores = jnp.einsum("bkma,bkta->bkmt", _bkmt(q), k, preferred_element_type=jnp.float32) * scale
+  # The scale goes on q [.., S, A], not on the [.., S, T] scores: XLA:CPU materialises a scalar
+  # broadcast at the scores' size for its fused dot (small config, forward+backward per layer:
+  # 187 -> 178 ms median).
+  q = q * jnp.asarray(scale, q.dtype)
+  scores = jnp.einsum("bkma,bkta->bkmt", _bkmt(q), k, preferred_element_type=jnp.float32)
   scores = scores.reshape(b, h_kv, g, s, t)  # float32
   if bias is not None:
     scores = scores + bias[:, None, None]
@@ -201,7 +205,7 @@ def _softmax_attend_fwd(q, k, v, bias, scale):
     "bkmt,bkta->bkma", _bkmt(e).astype(v.dtype), v, preferred_element_type=jnp.float32
   )
   out = pv.reshape(b, h_kv, g, s, -1) * inv_l  # [B, H_kv, G, S, A_v] float32
-  return out.astype(v.dtype), (q, k, v, bias, e, inv_l, out)
+  return out.astype(v.dtype), (q, k, v, bias, e, inv_l, out)  # q scaled
 
 
 def _softmax_attend_bwd(scale, residuals, d_out):
@@ -216,7 +220,7 @@ def _softmax_attend_bwd(scale, residuals, d_out):
   dp = jnp.einsum(
     "bkma,bkta->bkmt", _bkmt(d_out).astype(v.dtype), v, preferred_element_type=jnp.float32
   )
-  ds = e * inv_l * (dp.reshape(b, h_kv, g, s, t) - big_d) * scale  # d(scores before the scale)
+  ds = e * inv_l * (dp.reshape(b, h_kv, g, s, t) - big_d)  # d scores
   dv = jnp.einsum(
     "bkma,bkmt->bkat",
     _bkmt(d_out * inv_l).astype(v.dtype),
@@ -224,7 +228,7 @@ def _softmax_attend_bwd(scale, residuals, d_out):
     preferred_element_type=jnp.float32,
   ).swapaxes(-1, -2)
   ds = _bkmt(ds).astype(q.dtype)
-  dq = jnp.einsum("bkmt,bkta->bkma", ds, k, preferred_element_type=jnp.float32)
+  dq = jnp.einsum("bkmt,bkta->bkma", ds, k, preferred_element_type=jnp.float32) * scale
   dk = jnp.einsum("bkma,bkmt->bkat", _bkmt(q), ds, preferred_element_type=jnp.float32)
   dk = dk.swapaxes(-1, -2)
   d_bias = None if bias is None else jnp.zeros_like(bias)  # the mask is not differentiable
