@@ -20,13 +20,17 @@ BLAS thread (`set_num_threads`; default: the cores this process may use). gmm gi
 equal share of the routed rows (a group that straddles a boundary is cut in two); tgmm gives each
 an equal slice of every group's [D, F] gradient along its longer side (a group's rows cannot be
 cut without summing partial products). So the split is even however the tokens are routed. One
-thread runs on the calling XLA thread, the others on persistent workers that sleep on a queue.
+share runs on the calling XLA thread, the others on persistent workers that sleep on a queue.
+Calls that XLA runs side by side (a layer's input and weight gradients) divide the threads
+between them instead of each taking all of them.
+
 Letting OpenBLAS thread each GEMM instead was slower in a training step: its idle workers spin
-for ~0.1 s after every call (2^28 cycles), on the cores XLA's next ops need, and each small GEMM
-pays its own fork and join. Measured on 2 cores, alternating steps in one process (median ms):
-the Mixtral tiny train step 313 -> 294 and the small one (8x512 tokens) 9039 -> 7641. Isolated
-calls are as fast either way: M=8192, D=512, F=1024, E=32, gmm 59-61 ms here against 64-69, and
-53 for one dense [8192, 512] x [512, 1024] GEMM.
+for ~0.1 s after every call (2^28 cycles), on the cores XLA's next ops need, and every small
+per-group GEMM paid its own fork and join. Measured on 2 cores, against that loop, alternating
+steps in one process (median ms): the Mixtral tiny train step 302 -> 257, the small one (8x512
+tokens) 8508 -> 7613. The layer benchmark's E=32 row went from 785 to 704 ms (separate runs).
+Isolated calls are about as fast either way (M=8192, D=512, F=1024, E=32: gmm 59-61 ms here, 64-69 before; 53 for one dense
+[8192, 512] x [512, 1024] GEMM).
 
 Dtypes. float32 and float64 go to BLAS as they are. Other inputs (bfloat16, float16) are cast to
 float32 by XLA before the call and the float32 result is cast to the output dtype after it: numpy
