@@ -471,6 +471,23 @@ def test_blas_workers_reraise_and_keep_working():
   assert sorted(done) == [0, 1, 2, 3]
 
 
+def test_blas_concurrent_calls_share_the_threads(monkeypatch):
+  """A call that starts while another runs takes its share of the threads, not all of them."""
+  monkeypatch.setattr(blas, "_MIN_PART_FLOPS", 1)
+  monkeypatch.setattr(blas, "_num_threads", 4)
+  ranges = []
+  record = lambda first, last: ranges.append((first, last))
+  blas._run_split(record, 10, 10**9)
+  assert sorted(ranges) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+  ranges.clear()
+  with blas._single_threaded_blas:  # another call in flight
+    blas._run_split(record, 10, 10**9)
+  assert sorted(ranges) == [(0, 5), (5, 10)]
+  ranges.clear()
+  blas._run_split(record, 10, 1)  # too little work to split: one range
+  assert ranges == [(0, 10)]
+
+
 @pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
 def test_blas_set_num_threads_rejects(threads):
   with pytest.raises(ValueError, match=rf"threads={threads!r}; allowed: an int >= 1, or None"):
