@@ -78,6 +78,15 @@ def _numpy_gmm_vjp(lhs, rhs, group_sizes, dout):
   return dlhs, _numpy_tgmm(lhs, dout, group_sizes)
 
 
+def _assert_numpy_gmm_and_grads(out, dlhs, drhs, lhs, rhs, sizes, dout):
+  """out, d lhs and d rhs equal the float64 per-group loop; rows past the groups are exactly 0."""
+  np_dlhs, np_drhs = _numpy_gmm_vjp(lhs, rhs, sizes, dout)
+  assert _rel_err(out, _numpy_gmm(lhs, rhs, sizes)) < F32_TOL
+  assert _rel_err(dlhs, np_dlhs) < F32_TOL
+  assert _rel_err(drhs, np_drhs) < F32_TOL
+  np.testing.assert_array_equal(out[sum(sizes) :], 0.0)
+
+
 def _rel_err(actual, expected):
   actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
   assert actual.shape == expected.shape, (actual.shape, expected.shape)
@@ -151,11 +160,7 @@ def test_cpu_tiling_matches_numpy(monkeypatch, block_m, head_m):
   m, d, f, sizes = CASES["eight_groups_ragged"]
   lhs, rhs, group_sizes, dout = _inputs(m, d, f, sizes, seed=1)
   out, dlhs, drhs = _gmm_and_grads("cpu_small_tiles", lhs, rhs, group_sizes, dout)
-  np_dlhs, np_drhs = _numpy_gmm_vjp(lhs, rhs, sizes, dout)
-  assert _rel_err(out, _numpy_gmm(lhs, rhs, sizes)) < F32_TOL
-  assert _rel_err(dlhs, np_dlhs) < F32_TOL
-  assert _rel_err(drhs, np_drhs) < F32_TOL
-  np.testing.assert_array_equal(out[sum(sizes) :], 0.0)
+  _assert_numpy_gmm_and_grads(out, dlhs, drhs, lhs, rhs, sizes, dout)
 
 
 def test_cpu_tgmm_accumulates_across_tiles_in_float32():
@@ -432,11 +437,7 @@ def test_blas_split_over_threads_matches_numpy(monkeypatch, case, threads):
   m, d, f, sizes = BLAS_TALL_CASE if case == "tall" else CASES[case]
   lhs, rhs, group_sizes, dout = _inputs(m, d, f, sizes, seed=threads)
   out, dlhs, drhs = _gmm_and_grads("blas", lhs, rhs, group_sizes, dout)
-  np_dlhs, np_drhs = _numpy_gmm_vjp(lhs, rhs, sizes, dout)
-  assert _rel_err(out, _numpy_gmm(lhs, rhs, sizes)) < F32_TOL
-  assert _rel_err(dlhs, np_dlhs) < F32_TOL
-  assert _rel_err(drhs, np_drhs) < F32_TOL
-  np.testing.assert_array_equal(out[sum(sizes) :], 0.0)
+  _assert_numpy_gmm_and_grads(out, dlhs, drhs, lhs, rhs, sizes, dout)
   for e, size in enumerate(sizes):
     if size == 0:
       np.testing.assert_array_equal(drhs[e], 0.0)
