@@ -208,7 +208,7 @@ def _run_split(run, size: int, flops: int) -> None:
   keeps each range above `_MIN_PART_FLOPS` of the call's `flops`.
   """
   with _single_threaded_blas:
-    share = max(1, num_threads() // max(1, _single_threaded_blas.open_scopes))
+    share = max(1, num_threads() // _single_threaded_blas.open_scopes)  # >= 1 inside the scope
     parts = _bounds(size, max(1, min(share, flops // _MIN_PART_FLOPS)))
     if len(parts) == 1:
       run(*parts[0])
