@@ -85,7 +85,7 @@ class _SingleThreadedBLAS:
   each multi-threaded call, on the cores XLA's next ops need. Entering sets every BLAS library
   threadpoolctl finds in the process to one thread; leaving the last open scope restores the
   counts. Scopes may overlap (two callbacks on two XLA threads); only the outermost sets and
-  restores.
+  restores. A child forked while a scope is open leaves it at once, restoring the counts.
   """
 
   def __init__(self):
@@ -93,6 +93,14 @@ class _SingleThreadedBLAS:
     self._open = 0
     self._saved: list = []
     self._libraries = None
+    # A child forked while a call runs has none of the calls that would close the scope.
+    os.register_at_fork(after_in_child=self._close_in_child)
+
+  def _close_in_child(self):
+    self._lock = threading.Lock()
+    if self._open:
+      self._open = 1
+      self.__exit__()
 
   @property
   def open_scopes(self) -> int:

@@ -12,6 +12,8 @@ entry does not blow the measure up):
 """
 
 import functools
+import os
+import warnings
 
 import hypothesis
 import hypothesis.strategies as st
@@ -456,6 +458,31 @@ def test_blas_restores_the_blas_thread_count():
     before = counts()
     lhs, rhs, group_sizes, dout = _inputs(*CASES["ragged_with_empty_and_trailing_rows"])
     jax.block_until_ready(_gmm_and_grads("blas", lhs, rhs, group_sizes, dout))
+    assert counts() == before
+
+
+def test_blas_forked_child_closes_the_scope():
+  """A child forked while a call holds BLAS at one thread gets the parent's counts back and no open
+  scope (the calls that would close it stay in the parent)."""
+  import threadpoolctl
+
+  def counts():
+    return [
+      lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"
+    ]
+
+  with threadpoolctl.threadpool_limits(2, user_api="blas"):
+    before = counts()
+    with blas._single_threaded_blas:
+      assert set(counts()) == {1}
+      with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # JAX warns about fork with its threads
+        pid = os.fork()
+      if pid == 0:  # the child: report through the exit status, run nothing else
+        ok = blas._single_threaded_blas.open_scopes == 0 and counts() == before
+        os._exit(0 if ok else 1)
+      _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
     assert counts() == before
 
 
