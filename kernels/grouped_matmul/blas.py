@@ -22,7 +22,11 @@ an equal slice of every group's [D, F] gradient along its longer side (a group's
 cut without summing partial products). So the split is even however the tokens are routed. One
 share runs on the calling XLA thread, the others on persistent workers that sleep on a queue.
 Calls that XLA runs side by side (a layer's input and weight gradients) divide the threads
-between them instead of each taking all of them.
+between them instead of each taking all of them; the cut itself depends only on the shapes and
+`num_threads()`, never on what else runs, because OpenBLAS rounds a GEMM's pieces differently
+from the whole, and a cut that followed the timing made two runs of one config differ. Results
+are therefore bit-reproducible for a given thread count (set it with `set_num_threads` to
+reproduce a run on a machine with other cores).
 
 Letting OpenBLAS thread each GEMM instead was slower in a training step: its idle workers spin
 for ~0.1 s after every call (2^28 cycles), on the cores XLA's next ops need, and every small
@@ -47,7 +51,6 @@ callback cannot be serialised: `jax.export` of a computation that contains this 
 
 from __future__ import annotations
 
-import functools
 import itertools
 import os
 import queue
@@ -209,19 +212,36 @@ def _bounds(size: int, parts: int) -> list[tuple[int, int]]:
 
 
 def _run_split(run, size: int, flops: int) -> None:
-  """Runs `run(first, last)` over ranges that cover [0, size), one per thread.
+  """Runs `run(first, last)` over ranges that cover [0, size), on the threads the call gets.
 
-  The threads are `num_threads()` shared among the calls running at the same moment (XLA runs
-  independent ops, e.g. a layer's input and weight gradients, side by side), and no more than
-  keeps each range above `_MIN_PART_FLOPS` of the call's `flops`.
+  The ranges depend on nothing but `size`, `flops` and `num_threads()`: one per thread, none
+  below `_MIN_PART_FLOPS` of the call's `flops`. A GEMM cut into other pieces rounds differently
+  (OpenBLAS's results differ in the last bits between a [500, K] product and its two [250, K]
+  halves), so a cut that followed the timing would make training runs irreproducible. The ranges
+  run on `num_threads()` shared among the calls running at the same moment (XLA runs independent
+  ops, e.g. a layer's input and weight gradients, side by side); each thread takes the next range
+  when it is free.
   """
   with _single_threaded_blas:
+    ranges = _bounds(size, max(1, min(num_threads(), flops // _MIN_PART_FLOPS)))
     share = max(1, num_threads() // _single_threaded_blas.open_scopes)  # >= 1 inside the scope
-    parts = _bounds(size, max(1, min(share, flops // _MIN_PART_FLOPS)))
-    if len(parts) == 1:
-      run(*parts[0])
-    else:
-      _workers.run([functools.partial(run, *p) for p in parts])
+    threads = min(share, len(ranges))
+    if threads == 1:
+      for first, last in ranges:
+        run(first, last)
+      return
+    pending = iter(ranges)
+    lock = threading.Lock()
+
+    def take_ranges() -> None:
+      while True:
+        with lock:
+          chunk = next(pending, None)
+        if chunk is None:
+          return
+        run(*chunk)
+
+    _workers.run([take_ranges] * threads)
 
 
 def _host_gmm(ctx, out, lhs, rhs, group_sizes, *, transpose_rhs: bool) -> None:

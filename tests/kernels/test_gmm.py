@@ -13,6 +13,7 @@ entry does not blow the measure up):
 
 import functools
 import os
+import time
 import warnings
 
 import hypothesis
@@ -500,20 +501,43 @@ def test_blas_workers_reraise_and_keep_working():
 
 
 def test_blas_concurrent_calls_share_the_threads(monkeypatch):
-  """A call that starts while another runs takes its share of the threads, not all of them."""
+  """A call that starts while another runs takes its share of the threads, not all of them, and
+  cuts its work exactly as it would alone."""
+  import threading
+
   monkeypatch.setattr(blas, "_MIN_PART_FLOPS", 1)
   monkeypatch.setattr(blas, "_num_threads", 4)
-  ranges = []
-  record = lambda first, last: ranges.append((first, last))
+  ranges, threads = [], set()
+
+  def record(first, last):
+    ranges.append((first, last))
+    threads.add(threading.get_ident())
+    time.sleep(0.01)  # long enough that no thread takes every range before the others start
+
   blas._run_split(record, 10, 10**9)
   assert sorted(ranges) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+  assert len(threads) == 4
   ranges.clear()
-  with blas._single_threaded_blas:  # another call in flight
+  threads.clear()
+  with blas._single_threaded_blas:  # another call in flight: 4 // 2 threads, the same ranges
     blas._run_split(record, 10, 10**9)
-  assert sorted(ranges) == [(0, 5), (5, 10)]
+  assert sorted(ranges) == [(0, 2), (2, 5), (5, 7), (7, 10)]
+  assert len(threads) == 2
   ranges.clear()
   blas._run_split(record, 10, 1)  # too little work to split: one range
   assert ranges == [(0, 10)]
+
+
+def test_blas_results_do_not_depend_on_other_calls_in_flight(monkeypatch):
+  """Bit for bit the same products whether a call runs alone or beside another (which halves its
+  threads): the cut must not follow the timing, or two runs of one config would differ."""
+  monkeypatch.setattr(blas, "_num_threads", 4)
+  lhs, rhs, group_sizes, dout = _inputs(512, 128, 256, (200, 0, 180, 132), seed=11)
+  alone = jax.block_until_ready(_gmm_and_grads("blas", lhs, rhs, group_sizes, dout))
+  with blas._single_threaded_blas:
+    beside = jax.block_until_ready(_gmm_and_grads("blas", lhs, rhs, group_sizes, dout))
+  for a, b in zip(alone, beside, strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
