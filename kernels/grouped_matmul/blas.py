@@ -225,11 +225,6 @@ def _run_split(run, size: int, flops: int) -> None:
   with _single_threaded_blas:
     ranges = _bounds(size, max(1, min(num_threads(), flops // _MIN_PART_FLOPS)))
     share = max(1, num_threads() // _single_threaded_blas.open_scopes)  # >= 1 inside the scope
-    threads = min(share, len(ranges))
-    if threads == 1:
-      for first, last in ranges:
-        run(first, last)
-      return
     pending = iter(ranges)
     lock = threading.Lock()
 
@@ -241,7 +236,7 @@ def _run_split(run, size: int, flops: int) -> None:
           return
         run(*chunk)
 
-    _workers.run([take_ranges] * threads)
+    _workers.run([take_ranges] * min(share, len(ranges)))  # one part: the caller alone
 
 
 def _host_gmm(ctx, out, lhs, rhs, group_sizes, *, transpose_rhs: bool) -> None:

@@ -13,6 +13,7 @@ entry does not blow the measure up):
 
 import functools
 import os
+import threading
 import time
 import warnings
 
@@ -503,8 +504,6 @@ def test_blas_workers_reraise_and_keep_working():
 def test_blas_concurrent_calls_share_the_threads(monkeypatch):
   """A call that starts while another runs takes its share of the threads, not all of them, and
   cuts its work exactly as it would alone."""
-  import threading
-
   monkeypatch.setattr(blas, "_MIN_PART_FLOPS", 1)
   monkeypatch.setattr(blas, "_num_threads", 4)
   ranges, threads = [], set()
