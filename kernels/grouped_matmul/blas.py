@@ -33,8 +33,8 @@ for ~0.1 s after every call (2^28 cycles), on the cores XLA's next ops need, and
 per-group GEMM paid its own fork and join. Measured on 2 cores, against that loop, alternating
 steps in one process (median ms): the Mixtral tiny train step 302 -> 257, the small one (8x512
 tokens) 8508 -> 7613. The layer benchmark's E=32 row went from 785 to 704 ms (separate runs).
-Isolated calls are about as fast either way (M=8192, D=512, F=1024, E=32: gmm 59-61 ms here, 64-69 before; 53 for one dense
-[8192, 512] x [512, 1024] GEMM).
+Isolated calls are about as fast either way (M=8192, D=512, F=1024, E=32: gmm 59-61 ms here,
+64-69 before; 53 for one dense [8192, 512] x [512, 1024] GEMM).
 
 Dtypes. float32 and float64 go to BLAS as they are. Other inputs (bfloat16, float16) are cast to
 float32 by XLA before the call and the float32 result is cast to the output dtype after it: numpy
@@ -73,11 +73,11 @@ def _compute_dtype(*arrays) -> np.dtype:
   return dtype if dtype in _BLAS_DTYPES else np.dtype(np.float32)
 
 
-def _group_bounds(group_sizes, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
-  """[E] first and one-past-last row of every group, clipped to `num_rows`; a group has rows where
-  end > start."""
+def _group_bounds(group_sizes, num_rows: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """([E] first row, [E] one-past-last row, rows routed) of the groups, clipped to `num_rows`; a
+  group has rows where end > start."""
   ends = np.minimum(np.cumsum(np.asarray(group_sizes), dtype=np.int64), num_rows)
-  return np.concatenate([[0], ends[:-1]]), ends
+  return np.concatenate([[0], ends[:-1]]), ends, int(ends[-1]) if ends.size else 0
 
 
 class _SingleThreadedBLAS:
@@ -223,8 +223,9 @@ def _run_split(run, size: int, flops: int) -> None:
   when it is free.
   """
   with _single_threaded_blas:
-    ranges = _bounds(size, max(1, min(num_threads(), flops // _MIN_PART_FLOPS)))
-    share = max(1, num_threads() // _single_threaded_blas.open_scopes)  # >= 1 inside the scope
+    threads = num_threads()
+    ranges = _bounds(size, max(1, min(threads, flops // _MIN_PART_FLOPS)))
+    share = max(1, threads // _single_threaded_blas.open_scopes)  # >= 1 inside the scope
     pending = iter(ranges)
     lock = threading.Lock()
 
@@ -242,9 +243,8 @@ def _run_split(run, size: int, flops: int) -> None:
 def _host_gmm(ctx, out, lhs, rhs, group_sizes, *, transpose_rhs: bool) -> None:
   del ctx
   out, lhs, rhs = np.asarray(out), np.asarray(lhs), np.asarray(rhs)
-  starts, ends = _group_bounds(group_sizes, lhs.shape[0])
+  starts, ends, routed = _group_bounds(group_sizes, lhs.shape[0])
   groups = np.flatnonzero(ends > starts).tolist()
-  routed = int(ends[-1]) if ends.size else 0
   out[routed:] = 0  # the rows past the groups
 
   def rows(first: int, last: int) -> None:
@@ -262,7 +262,7 @@ def _host_gmm(ctx, out, lhs, rhs, group_sizes, *, transpose_rhs: bool) -> None:
 def _host_tgmm(ctx, out, lhs, grad, group_sizes) -> None:
   del ctx
   out, lhs, grad = np.asarray(out), np.asarray(lhs), np.asarray(grad)
-  starts, ends = _group_bounds(group_sizes, lhs.shape[0])
+  starts, ends, routed = _group_bounds(group_sizes, lhs.shape[0])
   has_rows = ends > starts
   groups = np.flatnonzero(has_rows).tolist()
   out[~has_rows] = 0
@@ -278,7 +278,6 @@ def _host_tgmm(ctx, out, lhs, grad, group_sizes) -> None:
       else:  # [D slice, rows] @ [rows, F] -> out[e][slice]
         np.matmul(lhs[r, first:last].T, grad[r], out=out[e, first:last])
 
-  routed = int(ends[-1]) if ends.size else 0
   _run_split(block, max(num_d, num_f), 2 * routed * num_d * num_f)
 
 

@@ -220,8 +220,8 @@ def gmm(
     rhs: `[E, D, F]` one matrix per group.
     group_sizes: `[E]` integer rows per group, sum <= M.
     backend: one of `BACKENDS`. "auto" is "blas" on a CPU platform (host BLAS GEMMs per
-      group, split over the cores, `blas.py`), else "xla" (`ragged_dot`). "cpu" is the same loop in XLA dots (no host
-      callback), "reference" the slow masked oracle.
+      group, split over the cores, `blas.py`), else "xla" (`ragged_dot`). "cpu" is the same
+      loop in XLA dots (no host callback), "reference" the slow masked oracle.
     interpret: run a Pallas backend in interpret mode (ignored by the others).
     preferred_element_type: output dtype, default `lhs.dtype`. Products are accumulated in at
       least float32 (bf16 inputs accumulate in float32).
