@@ -9,6 +9,8 @@ one process measures, on the same random token batches [B, S]:
   backward, global-norm clipping, AdamW (warmup-cosine schedule, decay on matrices only), the
   aux-loss-free bias update (a no-op unless the config enables the bias) and the step's metrics, all
   in one jitted, donating call; the host batch is put on the mesh inside the step, as in training.
+  A config with `train.microbatches` > 1 (the tiny one has 2) runs one jitted call per micro-batch,
+  side by side on CPU threads, and one for the sum and the update (`moejax.train.trainer`).
 - `hf`: `MixtralForCausalLM` of the same shapes (vocabulary, width, layers, heads, kv heads, head
   width, experts, top-k, expert width, RoPE theta, RMSNorm eps, tied embeddings), float32,
   `output_router_logits=True`: `model(input_ids, labels=targets).loss.backward()`, then

@@ -176,6 +176,10 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=16,
       # Tokens per sequence S.
       seq_len=128,
+      # Cut each batch into this many micro-batches whose gradients are summed (gradient
+      # accumulation; the MoE auxiliary losses are per micro-batch). On one CPU device they run
+      # concurrently on host threads; see moejax.train.trainer.
+      microbatches=1,
       # Peak learning rate of the warmup + cosine schedule.
       learning_rate=3e-3,
       # Linear warmup steps.

@@ -8,12 +8,26 @@ other state `rest` (the aux-loss-free routing bias, router-noise RNG counters) a
 state. The step is a pure function of those and the batch, so it jits with donation and shards by
 the parameters' logical axes. Rerunning the same command resumes from the latest checkpoint, data
 iterator position and RNG included, and reproduces an uninterrupted run step for step.
+
+Micro-batches (`config.train.microbatches = M`, gradient accumulation). The batch's rows are cut
+into M consecutive micro-batches; one jitted call computes each micro-batch's gradient and a second
+sums them, token-weighted, and applies the optimizer. The LM loss and its gradient are the whole
+batch's exactly; the MoE auxiliary losses are each micro-batch's, weighted by its tokens (as in
+Megatron-Core: the load-balance statistics are per micro-batch). Expert counts, the aux-loss-free
+bias update and the load metrics are the whole batch's. Each micro-batch draws its own router noise
+(its index folded into every RNG key). On one CPU device the micro-batches run concurrently on host
+threads: XLA:CPU runs one program's chain of small ops on one core at a time, and two programs
+fill both (the Mixtral tiny step on 2 cores: ~230 -> ~207 ms with M = 2). Elsewhere they run one
+after the other.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import operator
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +82,42 @@ def build_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> Mo
   return ModelConfig.from_config(model)
 
 
+# aux entries summed over micro-batches (the rest are token-weighted means).
+_AUX_SUMS = ("expert_counts", "device_load", "native_device_load", "a2a_bytes")
+
+
+def _microbatches(train: ml_collections.ConfigDict, processes: int) -> int:
+  """`train.microbatches`, checked against the batch: every process cuts its rows evenly."""
+  m = train.get("microbatches", 1)
+  if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+    raise ValueError(f"config.train.microbatches={m!r}; allowed: an int >= 1")
+  local = train.batch_size // max(processes, 1)
+  if local % m:
+    raise ValueError(
+      f"config.train.microbatches={m} must divide the batch_size={train.batch_size} rows "
+      f"({local} per process over {processes} processes)"
+    )
+  return m
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _fold_rng_keys(rest, index):
+  """`rest` with `index` folded into every RNG key (of any batch shape)."""
+
+  def fold(v):
+    if not isinstance(v, nnx.RngKey):
+      return v
+    f = lambda key: jax.random.fold_in(key, index)
+    for _ in range(v[...].ndim):
+      f = jax.vmap(f)
+    return v.replace(f(v[...]))
+
+  return jax.tree.map(fold, rest, is_leaf=_is_var)
+
+
 def _to_host(tree) -> Any:
   return jax.tree.map(np.asarray, jax.device_get(tree))
 
@@ -116,11 +166,18 @@ class Trainer:
     )
     # Metrics come back replicated: on a multi-host mesh a host can only read what it holds.
     rep = sharding.replicated(mesh)
-    self._train_step = jax.jit(
-      self._step,
-      donate_argnums=(0, 1, 2),
-      out_shardings=(self.param_shardings, self.rest_shardings, self.opt_shardings, rep),
-    )
+    state_shardings = (self.param_shardings, self.rest_shardings, self.opt_shardings, rep)
+    self.microbatches = _microbatches(config.train, jax.process_count())
+    self._pool, self._warm = None, False
+    if self.microbatches == 1:
+      self._train_step = jax.jit(
+        self._step, donate_argnums=(0, 1, 2), out_shardings=state_shardings
+      )
+    else:
+      self._micro_step = jax.jit(self._micro)
+      self._apply_step = jax.jit(self._apply, donate_argnums=(0, 2), out_shardings=state_shardings)
+      if mesh.size == 1 and mesh.devices.flat[0].platform == "cpu":
+        self._pool = ThreadPoolExecutor(self.microbatches, thread_name_prefix="moejax-microbatch")
     self._eval_step = jax.jit(self._eval, out_shardings=rep)
 
   def context(self) -> contextlib.ExitStack:
@@ -152,7 +209,9 @@ class Trainer:
       opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
     return params, rest, opt_state
 
-  def _step(self, params, rest, opt_state, batch):
+  def _grads(self, params, rest, batch):
+    """(grads, loss, num_tokens, aux, new_rest) of one batch: the gradient of its mean token loss
+    plus the MoE auxiliary losses."""
     graphdef = self.graphdef
 
     def loss_fn(params):
@@ -165,10 +224,44 @@ class Trainer:
       return loss + aux["aux_loss"], (loss, num_tokens, aux, new_rest)
 
     grads, (loss, num_tokens, aux, new_rest) = jax.grad(loss_fn, has_aux=True)(params)
+    return grads, loss, num_tokens, aux, new_rest
+
+  def _step(self, params, rest, opt_state, batch):
+    grads, loss, num_tokens, aux, new_rest = self._grads(params, rest, batch)
+    return self._update(params, new_rest, opt_state, grads, loss, num_tokens, aux)
+
+  def _micro(self, params, rest, batch, index):
+    """One micro-batch's (grads, loss, num_tokens, aux, new_rest); its router noise comes from
+    every RNG key with `index` folded in, and `new_rest` keeps the unfolded keys (the counters
+    advance alike in every micro-batch)."""
+    grads, loss, num_tokens, aux, new_rest = self._grads(params, _fold_rng_keys(rest, index), batch)
+    new_rest = jax.tree.map(
+      lambda new, old: old if isinstance(old, nnx.RngKey) else new, new_rest, rest, is_leaf=_is_var
+    )
+    return grads, loss, num_tokens, aux, new_rest
+
+  def _apply(self, params, rest, opt_state, micro):
+    """Sums the micro-batches' (grads, loss, num_tokens, aux), token-weighted, and steps."""
+    weights = [m[2] for m in micro]  # tokens of each micro-batch
+    total = sum(weights)
+    share = [w / jnp.maximum(total, 1.0) for w in weights]
+    mean = lambda *xs: sum(p * x for p, x in zip(share, xs, strict=True))
+    add = lambda *xs: functools.reduce(operator.add, xs)
+    grads = jax.tree.map(mean, *[m[0] for m in micro])
+    loss = mean(*[m[1] for m in micro])
+    auxes = [m[3] for m in micro]
+    aux = {k: (add if k in _AUX_SUMS else mean)(*[a[k] for a in auxes]) for k in auxes[0]}
+    counts = aux["expert_counts"]
+    aux["expert_load"] = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
+    return self._update(params, rest, opt_state, grads, loss, total, aux)
+
+  def _update(self, params, rest, opt_state, grads, loss, num_tokens, aux):
+    """The optimizer step, the aux-loss-free bias step and the step's metrics."""
+    graphdef = self.graphdef
     updates, opt_state = self.tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     # The aux-loss-free bias moves by its own rule, outside the optimizer (DeepSeek-V3).
-    model = nnx.merge(graphdef, params, new_rest)
+    model = nnx.merge(graphdef, params, rest)
     model.update_aux_free_bias(aux["expert_counts"])
     rest = nnx.state(model, nnx.Not(nnx.Param))
     counts = aux["expert_counts"]  # [L_moe, E]
@@ -195,11 +288,14 @@ class Trainer:
     loss, num_tokens = lm_loss(logits, batch["targets"], batch["mask"])
     return loss * num_tokens, num_tokens
 
-  def put_batch(self, batch: dict) -> dict:
-    """Host batch (this process's rows) -> a global array sharded over the data axes."""
+  def put_batch(self, batch: dict, part: int = 0, parts: int = 1) -> dict:
+    """Host batch (this process's rows) -> a global array sharded over the data axes; with
+    `parts` > 1, only the `part`-th of `parts` consecutive slices of the rows."""
     out = {}
     for k in ("inputs", "targets", "mask"):
       local = np.asarray(batch[k])
+      rows = local.shape[0] // parts
+      local = local[part * rows : (part + 1) * rows]
       out[k] = jax.make_array_from_process_local_data(
         sharding.batch_sharding(self.mesh, local.ndim), local
       )
@@ -207,7 +303,24 @@ class Trainer:
 
   def train_step(self, params, rest, opt_state, batch):
     with self.context():
-      return self._train_step(params, rest, opt_state, self.put_batch(batch))
+      if self.microbatches == 1:
+        return self._train_step(params, rest, opt_state, self.put_batch(batch))
+      m = self.microbatches
+
+      def micro(i):
+        with self.context():  # the mesh and rules are thread-local
+          out = self._micro_step(params, rest, self.put_batch(batch, i, m), np.int32(i))
+          # A worker waits for its result, so that the micro-batches run side by side.
+          return jax.block_until_ready(out) if self._pool is not None else out
+
+      if self._pool is None or not self._warm:  # the first call compiles, once
+        results = [micro(i) for i in range(m)]
+        self._warm = True
+      else:
+        results = [f.result() for f in [self._pool.submit(micro, i) for i in range(m)]]
+      # Every micro-batch advances the RNG counters alike: the first one's `rest` is the step's.
+      rest = results[0][4]
+      return self._apply_step(params, rest, opt_state, [r[:4] for r in results])
 
   def evaluate(self, params, rest, batches) -> float:
     # Sums stay on device; one transfer at the end instead of a sync per batch.
