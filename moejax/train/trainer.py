@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import operator
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -86,8 +87,9 @@ def build_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> Mo
 _AUX_SUMS = ("expert_counts", "device_load", "native_device_load", "a2a_bytes")
 
 
-def _microbatches(train: ml_collections.ConfigDict, processes: int) -> int:
-  """`train.microbatches`, checked against the batch: every process cuts its rows evenly."""
+def _microbatches(train: ml_collections.ConfigDict, processes: int, mesh) -> int:
+  """`train.microbatches`, checked against the batch: every process cuts its rows evenly, and the
+  mesh's batch shards split every micro-batch evenly."""
   m = train.get("microbatches", 1)
   if isinstance(m, bool) or not isinstance(m, int) or m < 1:
     raise ValueError(f"config.train.microbatches={m!r}; allowed: an int >= 1")
@@ -96,6 +98,15 @@ def _microbatches(train: ml_collections.ConfigDict, processes: int) -> int:
     raise ValueError(
       f"config.train.microbatches={m} must divide the batch_size={train.batch_size} rows "
       f"({local} per process over {processes} processes)"
+    )
+  axes = sharding.mesh_axes_of("batch", sharding.LOGICAL_RULES)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  rows = train.batch_size // m
+  if m > 1 and rows % shards:
+    raise ValueError(
+      f"config.train.microbatches={m} leaves micro-batches of {rows} rows, which the mesh's "
+      f"{shards} batch shards ({' x '.join(axes)}) cannot split evenly; allowed: a value that "
+      f"leaves a multiple of {shards} rows"
     )
   return m
 
@@ -167,7 +178,7 @@ class Trainer:
     # Metrics come back replicated: on a multi-host mesh a host can only read what it holds.
     rep = sharding.replicated(mesh)
     state_shardings = (self.param_shardings, self.rest_shardings, self.opt_shardings, rep)
-    self.microbatches = _microbatches(config.train, jax.process_count())
+    self.microbatches = _microbatches(config.train, jax.process_count(), mesh)
     self._pool, self._warm = None, False
     if self.microbatches == 1:
       self._train_step = jax.jit(

@@ -8,9 +8,10 @@ import pytest
 
 _BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "train_step.py"
 _HAS_HF = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
-# One layer of the tiny config; batch 8 splits over the 8 CPU devices of tests/conftest.py.
+# One layer of the tiny config; batch 16: its two micro-batches of 8 rows split over the 8 CPU
+# devices of tests/conftest.py.
 _TINY = ["--configs", "experiments/mixtral.py:tiny", "--set", "model.num_layers=1"]
-_TINY += ["--batch-size", "8", "--seq-len", "16", "--repeats", "1", "--warmup", "0"]
+_TINY += ["--batch-size", "16", "--seq-len", "16", "--repeats", "1", "--warmup", "0"]
 _SIDES = ("moejax",) + (("hf",) if _HAS_HF else ())
 
 
@@ -30,13 +31,13 @@ def test_main_writes_rows(tmp_path, capsys):
   assert rows == returned
   (row,) = rows
   assert row["config"] == "mixtral:tiny"
-  assert (row["batch"], row["seq_len"], row["tokens_per_step"]) == (8, 16, 128)
+  assert (row["batch"], row["seq_len"], row["tokens_per_step"]) == (16, 16, 256)
   assert not row["batch_reduced"]
   assert row["overrides"] == ["model.num_layers=1"]
   for side in _SIDES:
     assert row[f"{side}_ms"] > 0, side
     assert row[f"{side}_params"] > 0, side
-    assert row[f"{side}_tokens_per_s"] == pytest.approx(128 / row[f"{side}_ms"] * 1e3)
+    assert row[f"{side}_tokens_per_s"] == pytest.approx(256 / row[f"{side}_ms"] * 1e3)
     # Random tokens over V = 264: the loss of a freshly initialised model is near ln(264) = 5.58.
     assert 4.0 < row[f"{side}_lm_loss"] < 7.0, side
   if _HAS_HF:

@@ -181,3 +181,9 @@ def test_bad_microbatches_name_the_field(value, message):
   config.train.microbatches = value
   with pytest.raises(ValueError, match=message.replace("(", r"\(")):
     _trainer(config)
+
+
+def test_microbatches_the_mesh_cannot_split_name_the_field():
+  config = _config(2)  # micro-batches of 4 rows over 8 data shards
+  with pytest.raises(ValueError, match="microbatches=2 leaves micro-batches of 4 rows"):
+    _trainer(config, devices=8)
