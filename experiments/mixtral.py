@@ -32,7 +32,7 @@ def get_config(arg=None):
     m.d_model, m.num_layers, m.num_heads, m.num_kv_heads = 128, 4, 4, 2
     m.moe.expert_hidden_dim = 256
     m.dense_hidden_dim = 512
-    # Two micro-batches of 8 sequences, which run side by side on a CPU's cores: ~10% more
+    # Two micro-batches of 8 sequences, which run side by side on a CPU's cores: ~20% more
     # tokens/s on 2 cores (see moejax.train.trainer). The load-balance loss is per micro-batch.
     config.train.update(steps=500, batch_size=16, seq_len=128, microbatches=2)
   elif variant == "small":

@@ -539,6 +539,50 @@ def test_blas_results_do_not_depend_on_other_calls_in_flight(monkeypatch):
     np.testing.assert_array_equal(a, b)
 
 
+def test_blas_limit_threads_caps_nests_and_restores(monkeypatch):
+  """`limit_threads` caps every call's threads while it is open, the smallest open cap wins,
+  and leaving (also by an exception) restores the count."""
+  monkeypatch.setattr(blas, "_num_threads", 4)
+  with blas.limit_threads(2):
+    assert blas.num_threads() == 2
+    with blas.limit_threads(3):
+      assert blas.num_threads() == 2
+      with blas.limit_threads(1):
+        assert blas.num_threads() == 1
+    assert blas.num_threads() == 2
+    with blas.limit_threads(8):  # a cap above the count leaves the count
+      assert blas.num_threads() == 2
+  assert blas.num_threads() == 4
+  with pytest.raises(RuntimeError, match="inside"), blas.limit_threads(1):
+    raise RuntimeError("inside")
+  assert blas.num_threads() == 4
+
+
+def test_blas_limit_threads_computes_what_that_thread_count_does(monkeypatch):
+  """Under a cap, a call cuts its work as `set_num_threads(cap)` would, so the products are those
+  of that count bit for bit."""
+  monkeypatch.setattr(blas, "_MIN_PART_FLOPS", 1)
+  lhs, rhs, group_sizes, dout = _inputs(512, 128, 256, (200, 0, 180, 132), seed=12)
+  run = lambda: jax.block_until_ready(_gmm_and_grads("blas", lhs, rhs, group_sizes, dout))
+  monkeypatch.setattr(blas, "_num_threads", 4)
+  with blas.limit_threads(1):
+    capped = run()
+  monkeypatch.setattr(blas, "_num_threads", 1)
+  one = run()
+  for a, b in zip(capped, one, strict=True):
+    np.testing.assert_array_equal(a, b)
+  _assert_numpy_gmm_and_grads(*capped, lhs, rhs, (200, 0, 180, 132), dout)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_blas_limit_threads_rejects(threads):
+  with (
+    pytest.raises(ValueError, match=rf"threads={threads!r}; allowed: an int >= 1"),
+    blas.limit_threads(threads),
+  ):
+    pass
+
+
 @pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
 def test_blas_set_num_threads_rejects(threads):
   with pytest.raises(ValueError, match=rf"threads={threads!r}; allowed: an int >= 1, or None"):

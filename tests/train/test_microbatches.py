@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from moejax import sharding
+from moejax.kernels.grouped_matmul import blas
 from moejax.models import lm_loss
 from moejax.train.config import base_config
 from moejax.train.trainer import Trainer, build_model_config
@@ -129,6 +130,29 @@ def test_threaded_microbatches_are_bit_reproducible():
   for losses, params in runs[1:]:
     assert losses == runs[0][0]
     np.testing.assert_array_equal(params, runs[0][1])
+
+
+def test_threaded_microbatches_split_the_cores_between_them(monkeypatch):
+  """Two micro-batches in flight on one CPU device: each grouped matmul call gets half the host
+  kernels' threads (every program already keeps a core busy), the first, sequential call too;
+  in turn (no thread pool) each call gets them all."""
+  monkeypatch.setattr(blas, "_num_threads", 4)
+  seen = []
+  split = blas._run_split
+  monkeypatch.setattr(
+    blas, "_run_split", lambda *args: (seen.append(blas.num_threads()), split(*args))[1]
+  )
+  trainer = _trainer(_config(2))
+  assert trainer._pool is not None
+  state = trainer.init()
+  for _ in range(2):  # the first call runs in turn and compiles, the second on the threads
+    *state, _ = _step(trainer, _batch(), state)
+    assert seen and set(seen) == {2}
+    seen.clear()
+  assert blas.num_threads() == 4
+  trainer._pool = None
+  _step(trainer, _batch(), state)
+  assert seen and set(seen) == {4}
 
 
 def test_microbatches_keep_the_rng_keys_and_draw_their_own_noise():
