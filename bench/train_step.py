@@ -26,10 +26,13 @@ load-balance loss is computed once over all layers' tokens, moejax's per layer a
 `hf_aux_loss_coef`).
 
 The first step (compilation for moejax) and `--warmup` more are not timed. Then the two take
-turns, one step each per round (`moejax.benchmarking.time_interleaved`), so that a machine whose
-speed drifts slows both alike; the table reports each side's median wall time over `--repeats`
-rounds, every step waited for (`jax.block_until_ready` on the new state and metrics; PyTorch on CPU
-is synchronous), and tokens/s = B * S / time. PyTorch runs with
+turns (`moejax.benchmarking.time_interleaved`), so that a machine whose speed drifts slows both
+alike: in each turn, `--lead` untimed steps (default 1), then one timed step. The timed step thus
+follows a step of its own, as in training, not the other side's: PyTorch's OpenMP workers spin for
+a while after a step, on the cores the next step needs, and without the lead step moejax paid for
+that (230 vs 217 ms at the tiny config). The table reports each side's median wall time over
+`--repeats` turns, every step waited for (`jax.block_until_ready` on the new state and metrics;
+PyTorch on CPU is synchronous), and tokens/s = B * S / time. PyTorch runs with
 `torch.set_num_threads` set to the cores XLA:CPU uses. A config whose batch holds more than
 `--max-tokens` tokens runs with fewer sequences (the table shows `B (of B_config)`), so that a
 2-core machine finishes; `--batch-size` and `--seq-len` set the shapes outright.
@@ -356,6 +359,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   )
   p.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported")
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
+  p.add_argument(
+    "--lead", type=int, default=1, help="untimed steps before each timed one, in every turn"
+  )
   p.add_argument("--batch-size", type=int, default=None, help="sequences per step (all configs)")
   p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (all configs)")
   p.add_argument(
@@ -380,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
   # Freed buffers are reused across steps, for JAX and PyTorch alike (see moejax/hostmem.py).
   host_memory = "retained" if hostmem.retain_host_memory() else "glibc default"
   threads = args.threads or cpu_count()
-  timing = dict(repeats=args.repeats, warmup=args.warmup)
+  timing = dict(repeats=args.repeats, warmup=args.warmup, lead=args.lead)
 
   versions = f"jax {jax.__version__}, flax {flax.__version__}"
   versions_note = f"; host memory {host_memory}"
@@ -400,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     config.train.batch_size, config.train.seq_len = b, s
     model_config = build_model_config(config, tokenizer_vocab_size(config))
     batches = random_batches(
-      model_config.vocab_size, b, s, 1 + args.warmup + args.repeats, args.seed
+      model_config.vocab_size, b, s, 1 + args.warmup + (1 + args.lead) * args.repeats, args.seed
     )
 
     runners = {"moejax": moejax_runner(config, model_config, batches)}
@@ -451,6 +457,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "host_memory": host_memory,
         "repeats": args.repeats,
         "warmup": args.warmup,
+        "lead": args.lead,
         "platform": devices[0].platform,
         "versions": versions,
       }
@@ -466,8 +473,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     f"Training step (fwd + bwd + clip + AdamW), float32, random tokens; {devices[0].platform} "
     f"x{len(devices)} ({cpu_name()}); {versions}{versions_note}; threads: XLA:CPU {cpu_count()} cores, "
     f"torch.set_num_threads({threads}); moejax Trainer.train_step (jit, donated state); {hf_desc}; "
-    f"median of {args.repeats} steps each, the two taking turns, after the first + {args.warmup} "
-    "warm-up steps; "
+    f"median of {args.repeats} steps each, the two taking turns of {args.lead} untimed + 1 timed "
+    f"step, after the first + {args.warmup} warm-up steps; "
     f"moejax/hf = ratio of tokens/s"
   )
   print(format_table(rows, header))

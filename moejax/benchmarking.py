@@ -70,7 +70,7 @@ def keep_latest(step: Callable[[], Any]) -> tuple[Callable[[], None], Callable[[
 
 
 def time_interleaved(
-  fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int
+  fns: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int, lead: int = 0
 ) -> dict[str, float]:
   """{name: median wall time of fns[name]() in ms}, the calls of all `fns` taken in turns.
 
@@ -79,6 +79,13 @@ def time_interleaved(
   on ours) then slows every contender alike, where timing one after the other would credit the
   drift to whichever ran in the faster stretch. `fns` must block until their results are ready and
   keep only their latest result alive (see `time_call`).
+
+  With `lead` > 0, each turn first makes `lead` untimed calls, so that the timed call follows a
+  call of its own, as it does in a loop of it (a training run), and not the previous contender's.
+  What a call leaves behind is then charged to its own function: PyTorch's OpenMP workers spin
+  for a while after its last parallel region, on the cores the next call needs (the Mixtral tiny
+  train step, moejax: 230 ms right after a transformers step, 217 right after one of its own;
+  transformers: 278 and 274).
   """
   for fn in fns.values():
     for _ in range(1 + warmup):
@@ -86,6 +93,8 @@ def time_interleaved(
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
+      for _ in range(lead):
+        fn()
       start = time.perf_counter()
       fn()
       times[name].append((time.perf_counter() - start) * 1e3)
