@@ -87,6 +87,10 @@ def time_interleaved(
   train step, moejax: 230 ms right after a transformers step, 217 right after one of its own;
   transformers: 278 and 274).
   """
+  for name, value in (("repeats", repeats), ("warmup", warmup), ("lead", lead)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < (name == "repeats"):
+      allowed = "an int >= 1" if name == "repeats" else "an int >= 0"
+      raise ValueError(f"time_interleaved: {name}={value!r}; allowed: {allowed}")
   for fn in fns.values():
     for _ in range(1 + warmup):
       fn()

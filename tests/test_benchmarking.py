@@ -1,5 +1,7 @@
 """moejax.benchmarking's timers, on a fake clock."""
 
+import pytest
+
 from moejax import benchmarking
 
 
@@ -46,3 +48,13 @@ def test_time_interleaved_lead_calls_precede_each_timed_call(monkeypatch):
   )
   assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 2  # first each, then lead + timed per turn
   assert abs(ms["a"] - 2.0) < 1e-9 and abs(ms["b"] - 4.0) < 1e-9  # the lead calls are not timed
+
+
+@pytest.mark.parametrize(
+  ("field", "value", "allowed"),
+  [("repeats", 0, ">= 1"), ("warmup", -1, ">= 0"), ("lead", -1, ">= 0"), ("lead", 1.5, ">= 0")],
+)
+def test_time_interleaved_rejects_bad_counts(field, value, allowed):
+  counts = {"repeats": 1, "warmup": 0, "lead": 0, field: value}
+  with pytest.raises(ValueError, match=rf"{field}={value!r}; allowed: an int {allowed}"):
+    benchmarking.time_interleaved({"a": lambda: None}, **counts)
