@@ -26,9 +26,7 @@ after the other.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
-import operator
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -173,7 +171,7 @@ class Trainer:
       abs_opt,
       self.param_shardings,
       transform_non_params=lambda _: sharding.replicated(mesh),
-      is_leaf=lambda x: isinstance(x, nnx.Variable),
+      is_leaf=_is_var,
     )
     self._init = jax.jit(
       init, out_shardings=(self.param_shardings, self.rest_shardings, self.opt_shardings)
@@ -260,7 +258,7 @@ class Trainer:
     total = sum(weights)
     share = [w / jnp.maximum(total, 1.0) for w in weights]
     mean = lambda *xs: sum(p * x for p, x in zip(share, xs, strict=True))
-    add = lambda *xs: functools.reduce(operator.add, xs)
+    add = lambda *xs: sum(xs)
     grads = jax.tree.map(mean, *[m[0] for m in micro])
     loss = mean(*[m[1] for m in micro])
     auxes = [m[3] for m in micro]
