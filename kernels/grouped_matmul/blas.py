@@ -11,6 +11,10 @@ and output buffers to Python as zero-copy arrays:
       gmm:   out[start:end] = lhs[start:end] @ rhs[e]             (rhs[e].T with transpose_rhs)
       tgmm:  out[e]         = lhs[start:end].T @ grad[start:end]  (zeros for an empty group)
 
+`gmm_vjp` gives both gradients of gmm in one call (d lhs rows as gmm with rhs[e].T, d rhs as
+tgmm): the same GEMMs, one callback instead of two, and on one thread each group's two GEMMs run
+back to back while its rows of the output gradient are in cache.
+
 The GEMMs are numpy's BLAS (OpenBLAS in numpy's wheels); numpy passes transposed views to it as
 transposed operands, so no operand is copied. Rows at or past sum(group_sizes) are zeroed, as every
 backend does.
@@ -310,14 +314,46 @@ def _host_tgmm(ctx, out, lhs, grad, group_sizes) -> None:
   _run_split(block, max(num_d, num_f), 2 * routed * num_d * num_f)
 
 
-def _call(kernel, shape, dtype, out_dtype, *operands):
-  """Runs `kernel` on the operands in `dtype` into a fresh `shape` buffer; casts to `out_dtype`."""
+def _host_gmm_vjp(ctx, outs, dout, rhs, lhs, group_sizes) -> None:
+  """Both gradients of `out = gmm(lhs, rhs)` in one call: d lhs = gmm(dout, rhs^T) and
+  d rhs = tgmm(lhs, dout), the same GEMMs as the two kernels above.
+
+  On one thread the two GEMMs of a group run back to back, while the group's rows of `dout` are
+  still in cache; on several, the call runs the two kernels' cuts one after the other.
+  """
+  dlhs, drhs = outs
+  if num_threads() > 1:
+    _host_gmm(ctx, dlhs, dout, rhs, group_sizes, transpose_rhs=True)
+    _host_tgmm(ctx, drhs, lhs, dout, group_sizes)
+    return
+  dlhs, drhs = np.asarray(dlhs), np.asarray(drhs)
+  dout, rhs, lhs = np.asarray(dout), np.asarray(rhs), np.asarray(lhs)
+  starts, ends, routed = _group_bounds(group_sizes, lhs.shape[0])
+  has_rows = ends > starts
+  dlhs[routed:] = 0
+  drhs[~has_rows] = 0
+  with _single_threaded_blas:
+    for e in np.flatnonzero(has_rows).tolist():
+      r = slice(int(starts[e]), int(ends[e]))
+      np.matmul(dout[r], rhs[e].T, out=dlhs[r])  # [rows, F] @ [F, D]
+      np.matmul(lhs[r].T, dout[r], out=drhs[e])  # [D, rows] @ [rows, F]
+
+
+def _call(kernel, shapes, dtype, out_dtypes, *operands):
+  """Runs `kernel` on the operands in `dtype` into fresh buffers of `shapes` (one shape, or a tuple
+  of them for a kernel with several outputs); casts them to `out_dtypes` (one, or one each)."""
   *arrays, group_sizes = operands
   arrays = [x.astype(dtype) for x in arrays]
-  out = buffer_callback(kernel, jax.ShapeDtypeStruct(shape, dtype))(*arrays, group_sizes)
-  # The callback's result is typed as varying over no `shard_map` axis; it varies as its inputs do.
-  out = jax.lax.pcast(out, varying_axes(*operands), to="varying")
-  return out.astype(out_dtype)
+  several = isinstance(shapes[0], tuple)
+  structs = tuple(jax.ShapeDtypeStruct(s, dtype) for s in (shapes if several else (shapes,)))
+  outs = buffer_callback(kernel, structs if several else structs[0])(*arrays, group_sizes)
+  # The callback's results are typed as varying over no `shard_map` axis; they vary as the inputs.
+  axes = varying_axes(*operands)
+  if not several:
+    return jax.lax.pcast(outs, axes, to="varying").astype(out_dtypes)
+  return tuple(
+    jax.lax.pcast(o, axes, to="varying").astype(t) for o, t in zip(outs, out_dtypes, strict=True)
+  )
 
 
 def gmm(
@@ -361,3 +397,16 @@ def tgmm(
   out_dtype = preferred_element_type or jnp.result_type(lhs, grad)
   shape = (group_sizes.shape[0], lhs.shape[1], grad.shape[1])
   return _call(_host_tgmm, shape, dtype, out_dtype, lhs, grad, group_sizes)
+
+
+def gmm_vjp(
+  lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, dout: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """(d lhs [M, D], d rhs [E, D, F]) of `gmm(lhs, rhs, group_sizes)` for the cotangent dout [M, F],
+  in one host call (`ops.gmm`'s VJP): the numbers of `gmm(dout, rhs, transpose_rhs=True)` and
+  `tgmm(lhs, dout)` bit for bit, with one callback instead of two and each group's `dout` rows
+  read once on one thread. Gradients come back in lhs's and rhs's dtypes.
+  """
+  dtype = _compute_dtype(lhs, rhs, dout)
+  shapes = (lhs.shape, rhs.shape)
+  return _call(_host_gmm_vjp, shapes, dtype, (lhs.dtype, rhs.dtype), dout, rhs, lhs, group_sizes)

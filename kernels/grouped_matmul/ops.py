@@ -16,6 +16,9 @@ VJP, which needs nothing but those kernels:
     out = gmm(x, w)        ->   dx = gmm(dout, w, transpose_rhs=True),   dw = tgmm(x, dout)
     out = tgmm(x, g)       ->   dx = gmm(g, dout, transpose_rhs=True),   dg = gmm(x, dout)
 
+A backend may also give `gmm_vjp`, both gradients of `gmm` in one kernel call (the `blas` backend
+does: one host callback instead of two, each group's rows of `dout` read once).
+
 Adding a backend (e.g. a Pallas kernel) is one entry in `_BACKENDS`: its `gmm` and `tgmm` take
 `(lhs, rhs_or_grad, group_sizes, *, [transpose_rhs,] preferred_element_type, interpret)`.
 """
@@ -42,11 +45,14 @@ class Backend(NamedTuple):
       -> [E, D, F]`.
     autodiff: True if `gmm` is differentiated by plain autodiff; False to wrap it in the custom
       VJP built from `gmm` and `tgmm` (a kernel with loops or a `pallas_call` needs this).
+    gmm_vjp: optional `(lhs, rhs, group_sizes, dout) -> (d lhs, d rhs)`, both gradients of `gmm`
+      in one kernel call, equal to the `gmm` + `tgmm` pair; the custom VJP uses it when given.
   """
 
   gmm: Callable[..., jax.Array]
   tgmm: Callable[..., jax.Array]
   autodiff: bool
+  gmm_vjp: Callable[..., tuple[jax.Array, jax.Array]] | None = None
 
 
 # name -> implementation. "auto" is resolved by `_resolve_backend` and is not an entry.
@@ -54,7 +60,8 @@ _BACKENDS: dict[str, Backend] = {
   "reference": Backend(reference.gmm, reference.tgmm, autodiff=True),
   "xla": Backend(xla.gmm, xla.tgmm, autodiff=True),
   "cpu": Backend(cpu.gmm, cpu.tgmm, autodiff=False),
-  "blas": Backend(blas.gmm, blas.tgmm, autodiff=False),
+  # One host call for both gradients: the group's rows of d out are read once, while in cache.
+  "blas": Backend(blas.gmm, blas.tgmm, autodiff=False, gmm_vjp=blas.gmm_vjp),
 }
 
 BACKENDS: tuple[str, ...] = ("auto", *_BACKENDS)
@@ -135,6 +142,9 @@ def _gmm_bwd(backend, out_dtype, interpret, residuals, dout):
   del out_dtype
   lhs, rhs, group_sizes = residuals  # [M, D], [E, D, F], [E]
   kernels = _BACKENDS[backend]
+  if kernels.gmm_vjp is not None:
+    dlhs, drhs = kernels.gmm_vjp(lhs, rhs, group_sizes, dout)  # [M, D], [E, D, F]
+    return dlhs, drhs, None
   # d lhs[m] = d out[m] @ rhs[g(m)]^T; zero past the groups, like the forward.
   dlhs = kernels.gmm(
     dout,

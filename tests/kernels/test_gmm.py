@@ -447,6 +447,38 @@ def test_blas_split_over_threads_matches_numpy(monkeypatch, case, threads):
       np.testing.assert_array_equal(drhs[e], 0.0)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("case", [*CASES, "tall"])
+def test_blas_one_call_vjp_equals_the_two_kernels(monkeypatch, case, threads):
+  """`blas.gmm_vjp` (the VJP `ops.gmm` uses for this backend) gives the numbers of
+  gmm(dout, rhs, transpose_rhs=True) and tgmm(lhs, dout) bit for bit, on one thread (each group's
+  two GEMMs back to back) and cut over several, with empty groups, one full group and rows past
+  the groups; and both equal the float64 per-group gradients."""
+  monkeypatch.setattr(blas, "_MIN_PART_FLOPS", 1)  # split even these small shapes
+  monkeypatch.setattr(blas, "_num_threads", threads)
+  m, d, f, sizes = BLAS_TALL_CASE if case == "tall" else CASES[case]
+  lhs, rhs, group_sizes, dout = _inputs(m, d, f, sizes, seed=20 + threads)
+  dlhs, drhs = jax.jit(blas.gmm_vjp)(lhs, rhs, group_sizes, dout)
+  two = jax.jit(
+    lambda lhs, rhs, gs, dout: (
+      blas.gmm(dout, rhs, gs, transpose_rhs=True),
+      blas.tgmm(lhs, dout, gs),
+    )
+  )(lhs, rhs, group_sizes, dout)
+  np.testing.assert_array_equal(dlhs, two[0])
+  np.testing.assert_array_equal(drhs, two[1])
+  np_dlhs, np_drhs = _numpy_gmm_vjp(lhs, rhs, sizes, dout)
+  assert _rel_err(dlhs, np_dlhs) < F32_TOL and _rel_err(drhs, np_drhs) < F32_TOL
+  np.testing.assert_array_equal(dlhs[sum(sizes) :], 0.0)
+  for e, size in enumerate(sizes):
+    if size == 0:
+      np.testing.assert_array_equal(drhs[e], 0.0)
+  # The custom VJP of `gmm` goes through it.
+  grads = _gmm_and_grads("blas", lhs, rhs, group_sizes, dout)[1:]
+  np.testing.assert_array_equal(grads[0], dlhs)
+  np.testing.assert_array_equal(grads[1], drhs)
+
+
 def test_blas_restores_the_blas_thread_count():
   """The kernels run each GEMM on one BLAS thread and hand the previous counts back after."""
   import threadpoolctl

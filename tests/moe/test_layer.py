@@ -50,8 +50,11 @@ def make(cfg: MoEConfig, seed=0):
   return model, x, cot
 
 
-def check_against_reference(cfg: MoEConfig, seed=0):
+def check_against_reference(cfg: MoEConfig, seed=0, prepare=None):
+  """`prepare(model)`, if given, edits the model's parameters before the comparison."""
   model, x, cot = make(cfg, seed)
+  if prepare is not None:
+    prepare(model)
   params = flat_params(model)
   xt = np.asarray(x, np.float64).reshape(B * S, D)
   chosen, requested = reference.select(cfg, params, xt)
@@ -213,6 +216,25 @@ def test_all_tokens_on_one_expert(dispatch):
   # Dropped tokens have exactly zero output (no shared experts here).
   nonzero_rows = int((np.abs(np.asarray(y).reshape(B * S, D)).max(-1) > 0).sum())
   assert nonzero_rows == (B * S if dispatch == "dropless" else c)
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "cpu", "blas"])
+def test_gmm_backends_all_tokens_on_one_expert(backend):
+  """Output and every gradient against the reference when one expert gets every token copy and
+  the others none (top-1, dropless): one full group and seven empty ones in every kernel."""
+  cfg = dataclasses.replace(
+    BASE, num_experts=8, top_k=1, norm_topk_prob=False, router_bias=True, gmm_backend=backend
+  )
+
+  def route_all_to_expert_5(model):
+    # Logits x @ kernel are O(1); a bias of 8 on expert 5 wins for every token while its
+    # probability (~0.99) stays differentiable, so the router still gets a real gradient.
+    bias = np.zeros(cfg.num_experts, np.float32)
+    bias[5] = 8.0
+    model.router.bias[...] = jnp.asarray(bias)
+
+  chosen, requested = check_against_reference(cfg, seed=3, prepare=route_all_to_expert_5)
+  assert requested.sum(0)[5] == B * S and requested.sum() == B * S
 
 
 def test_bf16_activations_keep_router_in_float32():
