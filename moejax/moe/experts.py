@@ -54,10 +54,11 @@ def grouped_ffn(
   if w_gate is None:
     h = activate(activation, gmm(x, w_up, group_sizes, backend=backend), None)  # [M, F]
   else:
-    f = w_up.shape[-1]
     w_gate_up = jnp.concatenate([w_gate, w_up], axis=-1)  # [E, D, 2F]
-    gate_up = gmm(x, w_gate_up, group_sizes, backend=backend)  # [M, 2F]
-    h = activate(activation, gate_up[:, f:], gate_up[:, :f])  # [M, F]
+    # Split, not sliced: the gradient of a split is one concatenation, of two slices a sum of
+    # two zero-padded copies.
+    gate, up = jnp.split(gmm(x, w_gate_up, group_sizes, backend=backend), 2, axis=-1)  # [M, F]
+    h = activate(activation, up, gate)  # [M, F]
   return gmm(h, w_down, group_sizes, backend=backend)  # [M, D]
 
 
