@@ -357,7 +357,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     metavar="FIELD=VALUE",
     help="config override applied to every config, e.g. model.num_layers=1 (repeatable)",
   )
-  p.add_argument("--repeats", type=int, default=5, help="timed steps; the median is reported")
+  p.add_argument(
+    "--repeats", type=int, default=9, help="timed steps (turns); the median is reported"
+  )
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after the first")
   p.add_argument(
     "--lead", type=int, default=1, help="untimed steps before each timed one, in every turn"

@@ -4,6 +4,6 @@ Each op lives in its own folder with a public `ops.py`, one file per backend and
 `reference.py` oracle that the tests compare every backend against.
 """
 
-from moejax.kernels.grouped_matmul import BACKENDS, gmm, tgmm
+from moejax.kernels.grouped_matmul import BACKENDS, gmm, gmm_multi, tgmm
 
-__all__ = ["BACKENDS", "gmm", "tgmm"]
+__all__ = ["BACKENDS", "gmm", "gmm_multi", "tgmm"]

@@ -4,6 +4,6 @@ The folder is named `grouped_matmul`, not `gmm`, so that the re-exported functio
 a submodule of the same name.
 """
 
-from moejax.kernels.grouped_matmul.ops import BACKENDS, gmm, tgmm
+from moejax.kernels.grouped_matmul.ops import BACKENDS, gmm, gmm_multi, tgmm
 
-__all__ = ["BACKENDS", "gmm", "tgmm"]
+__all__ = ["BACKENDS", "gmm", "gmm_multi", "tgmm"]

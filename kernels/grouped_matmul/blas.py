@@ -11,9 +11,10 @@ and output buffers to Python as zero-copy arrays:
       gmm:   out[start:end] = lhs[start:end] @ rhs[e]             (rhs[e].T with transpose_rhs)
       tgmm:  out[e]         = lhs[start:end].T @ grad[start:end]  (zeros for an empty group)
 
-`gmm_vjp` gives both gradients of gmm in one call (d lhs rows as gmm with rhs[e].T, d rhs as
-tgmm): the same GEMMs, one callback instead of two, and on one thread each group's two GEMMs run
-back to back while its rows of the output gradient are in cache.
+`gmm_multi` multiplies one lhs by several weights (a gated FFN's gate and up) in one call, and
+`gmm_multi_vjp` gives all their gradients in one more (d lhs rows as gmm with rhs_i[e].T, summed
+over i; each d rhs_i as tgmm): the same GEMMs, fewer callbacks, and each group's rows read once
+while they are in cache. With one weight, `gmm_multi_vjp` is gmm's VJP (one callback, not two).
 
 The GEMMs are numpy's BLAS (OpenBLAS in numpy's wheels); numpy passes transposed views to it as
 transposed operands, so no operand is copied. Rows at or past sum(group_sizes) are zeroed, as every
@@ -314,29 +315,86 @@ def _host_tgmm(ctx, out, lhs, grad, group_sizes) -> None:
   _run_split(block, max(num_d, num_f), 2 * routed * num_d * num_f)
 
 
-def _host_gmm_vjp(ctx, outs, dout, rhs, lhs, group_sizes) -> None:
-  """Both gradients of `out = gmm(lhs, rhs)` in one call: d lhs = gmm(dout, rhs^T) and
-  d rhs = tgmm(lhs, dout), the same GEMMs as the two kernels above.
+def _host_gmm_multi(ctx, outs, lhs, *rhss_and_sizes) -> None:
+  """outs[i][rows of e] = lhs[rows of e] @ rhss[i][e] for every i: one left-hand side against
+  several weights (a gated FFN's gate and up), each row share's lhs rows read once for all."""
+  del ctx
+  *rhss, group_sizes = rhss_and_sizes
+  outs, lhs, rhss = [np.asarray(o) for o in outs], np.asarray(lhs), [np.asarray(w) for w in rhss]
+  starts, ends, routed = _group_bounds(group_sizes, lhs.shape[0])
+  groups = np.flatnonzero(ends > starts).tolist()
+  for out in outs:
+    out[routed:] = 0
 
-  On one thread the two GEMMs of a group run back to back, while the group's rows of `dout` are
-  still in cache; on several, the call runs the two kernels' cuts one after the other.
+  def rows(first: int, last: int) -> None:
+    for e in groups:
+      lo, hi = max(int(starts[e]), first), min(int(ends[e]), last)
+      if lo < hi:
+        for rhs, out in zip(rhss, outs, strict=True):
+          np.matmul(lhs[lo:hi], rhs[e], out=out[lo:hi])
+
+  flops = 2 * routed * lhs.shape[1] * sum(o.shape[1] for o in outs)
+  _run_split(rows, routed, flops)
+
+
+def _host_gmm_multi_vjp(ctx, outs, lhs, *args) -> None:
+  """The gradients of `out_i = gmm(lhs, rhs_i)`, i = 1..n, in one call:
+
+      d lhs[rows of e] = sum_i d out_i[rows of e] @ rhs_i[e]^T     (gmm with rhs_i[e].T)
+      d rhs_i[e]       = lhs[rows of e]^T @ d out_i[rows of e]      (tgmm)
+
+  `args` are rhs_1..rhs_n, d out_1..d out_n and group_sizes; `outs` d lhs, d rhs_1..d rhs_n. On one
+  thread each group's GEMMs run back to back while its rows are in cache; on several, the rows of
+  d lhs are cut as gmm cuts them, then every d rhs_i as tgmm cuts it. With n = 1 the GEMMs are
+  exactly those of `_host_gmm` (transposed) and `_host_tgmm`, so the numbers are too.
   """
-  dlhs, drhs = outs
-  if num_threads() > 1:
-    _host_gmm(ctx, dlhs, dout, rhs, group_sizes, transpose_rhs=True)
-    _host_tgmm(ctx, drhs, lhs, dout, group_sizes)
-    return
-  dlhs, drhs = np.asarray(dlhs), np.asarray(drhs)
-  dout, rhs, lhs = np.asarray(dout), np.asarray(rhs), np.asarray(lhs)
+  del ctx
+  n = (len(args) - 1) // 2
+  rhss, douts, group_sizes = args[:n], args[n : 2 * n], args[-1]
+  dlhs, *drhss = (np.asarray(o) for o in outs)
+  lhs, rhss, douts = np.asarray(lhs), [np.asarray(w) for w in rhss], [np.asarray(d) for d in douts]
   starts, ends, routed = _group_bounds(group_sizes, lhs.shape[0])
   has_rows = ends > starts
+  groups = np.flatnonzero(has_rows).tolist()
   dlhs[routed:] = 0
-  drhs[~has_rows] = 0
-  with _single_threaded_blas:
-    for e in np.flatnonzero(has_rows).tolist():
-      r = slice(int(starts[e]), int(ends[e]))
-      np.matmul(dout[r], rhs[e].T, out=dlhs[r])  # [rows, F] @ [F, D]
-      np.matmul(lhs[r].T, dout[r], out=drhs[e])  # [D, rows] @ [rows, F]
+  for drhs in drhss:
+    drhs[~has_rows] = 0
+  num_d = lhs.shape[1]
+
+  def lhs_rows(e: int, lo: int, hi: int) -> None:
+    np.matmul(douts[0][lo:hi], rhss[0][e].T, out=dlhs[lo:hi])  # [rows, F_1] @ [F_1, D]
+    for rhs, dout in zip(rhss[1:], douts[1:], strict=True):
+      dlhs[lo:hi] += dout[lo:hi] @ rhs[e].T
+
+  def rhs_block(e: int, first: int, last: int, r: slice) -> None:
+    for drhs, dout in zip(drhss, douts, strict=True):
+      if drhs.shape[2] >= num_d:  # [D, rows] @ [rows, F slice] -> d rhs[e][:, slice]
+        np.matmul(lhs[r].T, dout[r, first:last], out=drhs[e, :, first:last])
+      else:  # [D slice, rows] @ [rows, F] -> d rhs[e][slice]
+        np.matmul(lhs[r, first:last].T, dout[r], out=drhs[e, first:last])
+
+  longest = max(max(d.shape[2], num_d) for d in drhss)
+  if num_threads() == 1:
+    with _single_threaded_blas:
+      for e in groups:
+        r = slice(int(starts[e]), int(ends[e]))
+        lhs_rows(e, r.start, r.stop)
+        rhs_block(e, 0, longest, r)
+    return
+
+  def rows(first: int, last: int) -> None:
+    for e in groups:
+      lo, hi = max(int(starts[e]), first), min(int(ends[e]), last)
+      if lo < hi:
+        lhs_rows(e, lo, hi)
+
+  def block(first: int, last: int) -> None:
+    for e in groups:
+      rhs_block(e, first, last, slice(int(starts[e]), int(ends[e])))
+
+  flops = 2 * routed * num_d * sum(d.shape[2] for d in drhss)
+  _run_split(rows, routed, flops)
+  _run_split(block, longest, flops)
 
 
 def _call(kernel, shapes, dtype, out_dtypes, *operands):
@@ -399,14 +457,36 @@ def tgmm(
   return _call(_host_tgmm, shape, dtype, out_dtype, lhs, grad, group_sizes)
 
 
-def gmm_vjp(
-  lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, dout: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-  """(d lhs [M, D], d rhs [E, D, F]) of `gmm(lhs, rhs, group_sizes)` for the cotangent dout [M, F],
-  in one host call (`ops.gmm`'s VJP): the numbers of `gmm(dout, rhs, transpose_rhs=True)` and
-  `tgmm(lhs, dout)` bit for bit, with one callback instead of two and each group's `dout` rows
-  read once on one thread. Gradients come back in lhs's and rhs's dtypes.
-  """
-  dtype = _compute_dtype(lhs, rhs, dout)
-  shapes = (lhs.shape, rhs.shape)
-  return _call(_host_gmm_vjp, shapes, dtype, (lhs.dtype, rhs.dtype), dout, rhs, lhs, group_sizes)
+def gmm_multi(
+  lhs: jax.Array,
+  rhss: tuple[jax.Array, ...],
+  group_sizes: jax.Array,
+  *,
+  preferred_element_type=None,
+  interpret: bool = False,
+) -> tuple[jax.Array, ...]:
+  """`(gmm(lhs, rhs) for rhs in rhss)` in one host call: each share of lhs's rows is read once
+  for all the weights. Not differentiable by itself; `ops.gmm_multi` adds the VJP."""
+  del interpret
+  out_dtype = preferred_element_type or lhs.dtype
+  dtype = _compute_dtype(lhs, *rhss)
+  shapes = tuple((lhs.shape[0], w.shape[2]) for w in rhss)
+  dtypes = (out_dtype,) * len(rhss)
+  return _call(_host_gmm_multi, shapes, dtype, dtypes, lhs, *rhss, group_sizes)
+
+
+def gmm_multi_vjp(
+  lhs: jax.Array,
+  rhss: tuple[jax.Array, ...],
+  group_sizes: jax.Array,
+  douts: tuple[jax.Array, ...],
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """(d lhs [M, D], (d rhs_i [E, D, F_i], ...)) of `gmm(lhs, rhs_i)` for cotangents d out_i
+  [M, F_i], in one host call (`ops`'s VJP of gmm and gmm_multi): d lhs sums d out_i @ rhs_i^T
+  per group; with one weight the numbers are those of gmm(dout, rhs, transpose_rhs=True) and
+  tgmm(lhs, dout) bit for bit. Gradients come back in lhs's and each rhs's dtype."""
+  dtype = _compute_dtype(lhs, *rhss, *douts)
+  shapes = (lhs.shape, *(w.shape for w in rhss))
+  dtypes = (lhs.dtype, *(w.dtype for w in rhss))
+  dlhs, *drhss = _call(_host_gmm_multi_vjp, shapes, dtype, dtypes, lhs, *rhss, *douts, group_sizes)
+  return dlhs, tuple(drhss)

@@ -16,8 +16,11 @@ VJP, which needs nothing but those kernels:
     out = gmm(x, w)        ->   dx = gmm(dout, w, transpose_rhs=True),   dw = tgmm(x, dout)
     out = tgmm(x, g)       ->   dx = gmm(g, dout, transpose_rhs=True),   dg = gmm(x, dout)
 
-A backend may also give `gmm_vjp`, both gradients of `gmm` in one kernel call (the `blas` backend
-does: one host callback instead of two, each group's rows of `dout` read once).
+`gmm_multi(lhs, (rhs_1, ..., rhs_n), group_sizes)` is gmm of one lhs against several weights (a gated
+FFN's gate and up). A backend may give fused kernels for it, `gmm_multi` and `gmm_multi_vjp`; the
+`blas` backend does (one host callback for all the products, one for all their gradients, each
+group's rows read once), and its `gmm_multi_vjp` with one weight is `gmm`'s VJP too. Elsewhere
+`gmm_multi` is n calls of `gmm`.
 
 Adding a backend (e.g. a Pallas kernel) is one entry in `_BACKENDS`: its `gmm` and `tgmm` take
 `(lhs, rhs_or_grad, group_sizes, *, [transpose_rhs,] preferred_element_type, interpret)`.
@@ -45,14 +48,18 @@ class Backend(NamedTuple):
       -> [E, D, F]`.
     autodiff: True if `gmm` is differentiated by plain autodiff; False to wrap it in the custom
       VJP built from `gmm` and `tgmm` (a kernel with loops or a `pallas_call` needs this).
-    gmm_vjp: optional `(lhs, rhs, group_sizes, dout) -> (d lhs, d rhs)`, both gradients of `gmm`
-      in one kernel call, equal to the `gmm` + `tgmm` pair; the custom VJP uses it when given.
+    gmm_multi: optional `(lhs, rhss, group_sizes, *, preferred_element_type, interpret)` -> one
+      output per weight in one kernel call (`gmm_multi`'s forward).
+    gmm_multi_vjp: optional `(lhs, rhss, group_sizes, douts) -> (d lhs, d rhss)`, the gradients of
+      all of them in one kernel call; with one weight it is also `gmm`'s VJP (it must then equal
+      the `gmm` + `tgmm` pair).
   """
 
   gmm: Callable[..., jax.Array]
   tgmm: Callable[..., jax.Array]
   autodiff: bool
-  gmm_vjp: Callable[..., tuple[jax.Array, jax.Array]] | None = None
+  gmm_multi: Callable[..., tuple[jax.Array, ...]] | None = None
+  gmm_multi_vjp: Callable[..., tuple[jax.Array, tuple[jax.Array, ...]]] | None = None
 
 
 # name -> implementation. "auto" is resolved by `_resolve_backend` and is not an entry.
@@ -60,8 +67,14 @@ _BACKENDS: dict[str, Backend] = {
   "reference": Backend(reference.gmm, reference.tgmm, autodiff=True),
   "xla": Backend(xla.gmm, xla.tgmm, autodiff=True),
   "cpu": Backend(cpu.gmm, cpu.tgmm, autodiff=False),
-  # One host call for both gradients: the group's rows of d out are read once, while in cache.
-  "blas": Backend(blas.gmm, blas.tgmm, autodiff=False, gmm_vjp=blas.gmm_vjp),
+  # One host call for all gradients: each group's rows are read once, while in cache.
+  "blas": Backend(
+    blas.gmm,
+    blas.tgmm,
+    autodiff=False,
+    gmm_multi=blas.gmm_multi,
+    gmm_multi_vjp=blas.gmm_multi_vjp,
+  ),
 }
 
 BACKENDS: tuple[str, ...] = ("auto", *_BACKENDS)
@@ -142,8 +155,8 @@ def _gmm_bwd(backend, out_dtype, interpret, residuals, dout):
   del out_dtype
   lhs, rhs, group_sizes = residuals  # [M, D], [E, D, F], [E]
   kernels = _BACKENDS[backend]
-  if kernels.gmm_vjp is not None:
-    dlhs, drhs = kernels.gmm_vjp(lhs, rhs, group_sizes, dout)  # [M, D], [E, D, F]
+  if kernels.gmm_multi_vjp is not None:
+    dlhs, (drhs,) = kernels.gmm_multi_vjp(lhs, (rhs,), group_sizes, (dout,))  # [M, D], [E, D, F]
     return dlhs, drhs, None
   # d lhs[m] = d out[m] @ rhs[g(m)]^T; zero past the groups, like the forward.
   dlhs = kernels.gmm(
@@ -162,6 +175,28 @@ def _gmm_bwd(backend, out_dtype, interpret, residuals, dout):
 
 
 _gmm_with_vjp.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gmm_multi_with_vjp(lhs, rhss, group_sizes, backend, out_dtype, interpret):
+  return _BACKENDS[backend].gmm_multi(
+    lhs, rhss, group_sizes, preferred_element_type=out_dtype, interpret=interpret
+  )
+
+
+def _gmm_multi_fwd(lhs, rhss, group_sizes, backend, out_dtype, interpret):
+  outs = _gmm_multi_with_vjp(lhs, rhss, group_sizes, backend, out_dtype, interpret)
+  return outs, (lhs, rhss, group_sizes)
+
+
+def _gmm_multi_bwd(backend, out_dtype, interpret, residuals, douts):
+  del out_dtype, interpret
+  lhs, rhss, group_sizes = residuals  # [M, D], ([E, D, F_i], ...), [E]
+  dlhs, drhss = _BACKENDS[backend].gmm_multi_vjp(lhs, rhss, group_sizes, tuple(douts))
+  return dlhs, drhss, None
+
+
+_gmm_multi_with_vjp.defvjp(_gmm_multi_fwd, _gmm_multi_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -263,6 +298,58 @@ def gmm(
         lhs, rhs, group_sizes, preferred_element_type=out_dtype, interpret=interpret
       )
     return _gmm_with_vjp(lhs, rhs, group_sizes, name, out_dtype, interpret)
+
+
+def gmm_multi(
+  lhs: jax.Array,
+  rhss,
+  group_sizes: jax.Array,
+  *,
+  backend: str = "auto",
+  interpret: bool = False,
+  preferred_element_type=None,
+) -> tuple[jax.Array, ...]:
+  """`gmm` of one lhs against several weights: `tuple(gmm(lhs, rhs) for rhs in rhss)`.
+
+      gate, up = gmm_multi(x_sorted, (w_gate_edf, w_up_edf), sizes)   # [M, F] each
+
+  The `blas` backend computes all the products in one host call and all their gradients in
+  another, reading each group's rows of lhs (and of the output gradients) once while they are in
+  cache; other backends call `gmm` once per weight. Arguments as for `gmm`; every rhs is
+  `[E, D, F_i]` with lhs's D and the same E (the F_i may differ).
+  """
+  lhs = jnp.asarray(lhs)
+  rhss = tuple(jnp.asarray(w) for w in rhss)
+  if not rhss:
+    raise ValueError("gmm_multi: rhss must hold at least one [E, D, F] weight, got none.")
+  name = _resolve_backend(backend, lhs, *rhss)
+  if _BACKENDS[name].gmm_multi is None or len(rhss) == 1:
+    return tuple(
+      gmm(
+        lhs,
+        w,
+        group_sizes,
+        backend=name,
+        interpret=interpret,
+        preferred_element_type=preferred_element_type,
+      )
+      for w in rhss
+    )
+  if lhs.ndim != 2:
+    raise ValueError(f"gmm_multi: lhs must be [M, D], got shape {lhs.shape}.")
+  for i, w in enumerate(rhss):
+    if w.ndim != 3 or w.shape[:2] != (rhss[0].shape[0], lhs.shape[1]):
+      raise ValueError(
+        f"gmm_multi: rhss[{i}] must be [E, D, F] with E={rhss[0].shape[0]} and lhs's "
+        f"D={lhs.shape[1]}, got shape {w.shape}."
+      )
+  group_sizes = _check_group_sizes("gmm_multi", group_sizes, rhss[0].shape[0])
+  out_dtype = np.dtype(preferred_element_type or lhs.dtype)
+  dtype = jnp.result_type(lhs, *rhss)
+  lhs, *rhss = (x.astype(dtype) for x in (lhs, *rhss))
+  lhs, *rhss, group_sizes = _to_common_varying_axes(lhs, *rhss, group_sizes)
+  with jax.named_scope(f"gmm_multi_{name}"):
+    return _gmm_multi_with_vjp(lhs, tuple(rhss), group_sizes, name, out_dtype, interpret)
 
 
 def tgmm(

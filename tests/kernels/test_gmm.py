@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.kernels import gmm, tgmm
+from moejax.kernels import gmm, gmm_multi, tgmm
 from moejax.kernels.grouped_matmul import blas, cpu, ops
 
 BACKENDS = ("reference", "xla", "cpu", "blas")
@@ -450,15 +450,17 @@ def test_blas_split_over_threads_matches_numpy(monkeypatch, case, threads):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("case", [*CASES, "tall"])
 def test_blas_one_call_vjp_equals_the_two_kernels(monkeypatch, case, threads):
-  """`blas.gmm_vjp` (the VJP `ops.gmm` uses for this backend) gives the numbers of
-  gmm(dout, rhs, transpose_rhs=True) and tgmm(lhs, dout) bit for bit, on one thread (each group's
-  two GEMMs back to back) and cut over several, with empty groups, one full group and rows past
-  the groups; and both equal the float64 per-group gradients."""
+  """`blas.gmm_multi_vjp` with one weight (the VJP `ops.gmm` uses for this backend) gives the
+  numbers of gmm(dout, rhs, transpose_rhs=True) and tgmm(lhs, dout) bit for bit, on one thread
+  (each group's two GEMMs back to back) and cut over several, with empty groups, one full group
+  and rows past the groups; and both equal the float64 per-group gradients."""
   monkeypatch.setattr(blas, "_MIN_PART_FLOPS", 1)  # split even these small shapes
   monkeypatch.setattr(blas, "_num_threads", threads)
   m, d, f, sizes = BLAS_TALL_CASE if case == "tall" else CASES[case]
   lhs, rhs, group_sizes, dout = _inputs(m, d, f, sizes, seed=20 + threads)
-  dlhs, drhs = jax.jit(blas.gmm_vjp)(lhs, rhs, group_sizes, dout)
+  dlhs, (drhs,) = jax.jit(lambda lhs, rhs, gs, dout: blas.gmm_multi_vjp(lhs, (rhs,), gs, (dout,)))(
+    lhs, rhs, group_sizes, dout
+  )
   two = jax.jit(
     lambda lhs, rhs, gs, dout: (
       blas.gmm(dout, rhs, gs, transpose_rhs=True),
@@ -477,6 +479,59 @@ def test_blas_one_call_vjp_equals_the_two_kernels(monkeypatch, case, threads):
   grads = _gmm_and_grads("blas", lhs, rhs, group_sizes, dout)[1:]
   np.testing.assert_array_equal(grads[0], dlhs)
   np.testing.assert_array_equal(grads[1], drhs)
+
+
+def _gmm_multi_and_grads(backend, lhs, rhss, group_sizes, douts):
+  """(outs, dlhs, drhss) of gmm_multi under jit, with group_sizes a traced argument."""
+
+  @jax.jit
+  def run(lhs, rhss, group_sizes, douts):
+    outs, vjp = jax.vjp(lambda x, ws: gmm_multi(x, ws, group_sizes, backend=backend), lhs, rhss)
+    return (outs, *vjp(douts))
+
+  return run(lhs, rhss, group_sizes, douts)
+
+
+@pytest.mark.parametrize(
+  ("backend", "threads"), [(b, None) for b in BACKENDS] + [("blas", 1), ("blas", 3)]
+)
+@pytest.mark.parametrize("case", [*CASES, "tall"])
+def test_gmm_multi_matches_numpy(monkeypatch, backend, threads, case):
+  """gmm_multi against two weights of different widths: each output and every gradient (d lhs
+  sums both weights' contributions) equal the float64 per-group loop, on every backend and, for
+  blas, on one thread and cut over three; rows past the groups and empty groups give zeros."""
+  if threads is not None:
+    monkeypatch.setattr(blas, "_MIN_PART_FLOPS", 1)
+    monkeypatch.setattr(blas, "_num_threads", threads)
+  m, d, f, sizes = BLAS_TALL_CASE if case == "tall" else CASES[case]
+  lhs, rhs1, group_sizes, dout1 = _inputs(m, d, f, sizes, seed=31)
+  _, rhs2, _, dout2 = _inputs(m, d, f + 5, sizes, seed=32)
+  (out1, out2), dlhs, (drhs1, drhs2) = _gmm_multi_and_grads(
+    backend, lhs, (rhs1, rhs2), group_sizes, (dout1, dout2)
+  )
+  np_dlhs1, np_drhs1 = _numpy_gmm_vjp(lhs, rhs1, sizes, dout1)
+  np_dlhs2, np_drhs2 = _numpy_gmm_vjp(lhs, rhs2, sizes, dout2)
+  assert _rel_err(out1, _numpy_gmm(lhs, rhs1, sizes)) < F32_TOL
+  assert _rel_err(out2, _numpy_gmm(lhs, rhs2, sizes)) < F32_TOL
+  assert _rel_err(dlhs, np_dlhs1 + np_dlhs2) < F32_TOL
+  assert _rel_err(drhs1, np_drhs1) < F32_TOL
+  assert _rel_err(drhs2, np_drhs2) < F32_TOL
+  total = sum(sizes)
+  for a in (out1, out2, dlhs):
+    np.testing.assert_array_equal(a[total:], 0.0)
+  for e, size in enumerate(sizes):
+    if size == 0:
+      np.testing.assert_array_equal(drhs1[e], 0.0)
+      np.testing.assert_array_equal(drhs2[e], 0.0)
+
+
+def test_gmm_multi_errors_name_the_argument():
+  lhs = jnp.zeros((6, 4))
+  sizes = jnp.asarray([3, 3])
+  with pytest.raises(ValueError, match=r"rhss must hold at least one"):
+    gmm_multi(lhs, (), sizes, backend="blas")
+  with pytest.raises(ValueError, match=r"rhss\[1\] must be \[E, D, F\] with E=2 and lhs's D=4"):
+    gmm_multi(lhs, (jnp.zeros((2, 4, 3)), jnp.zeros((2, 5, 3))), sizes, backend="blas")
 
 
 def test_blas_restores_the_blas_thread_count():
