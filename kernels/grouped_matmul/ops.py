@@ -27,7 +27,7 @@ Adding a backend (e.g. a Pallas kernel) is one entry in `_BACKENDS`: its `gmm` a
 """
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -302,7 +302,7 @@ def gmm(
 
 def gmm_multi(
   lhs: jax.Array,
-  rhss,
+  rhss: Sequence[jax.Array],
   group_sizes: jax.Array,
   *,
   backend: str = "auto",
