@@ -274,23 +274,47 @@ def _run_split(run, size: int, flops: int) -> None:
     _workers.run([take_ranges] * min(share, len(ranges)))  # one part: the caller alone
 
 
-def _host_gmm(ctx, out, lhs, rhs, group_sizes, *, transpose_rhs: bool) -> None:
+def _row_pieces(starts, ends, groups, first: int, last: int):
+  """(e, lo, hi) for every group's rows inside [first, last): a row share cuts through groups."""
+  for e in groups:
+    lo, hi = max(int(starts[e]), first), min(int(ends[e]), last)
+    if lo < hi:
+      yield e, lo, hi
+
+
+def _weight_grads(lhs, douts, drhss, e: int, rows: slice, first: int, last: int) -> None:
+  """drhs[e] = lhs[rows]^T @ dout[rows] for every (dout, drhs), the slice [first, last) of each
+  gradient's longer side only: a group's rows cannot be split without adding partial sums."""
+  for dout, drhs in zip(douts, drhss, strict=True):
+    if drhs.shape[2] >= lhs.shape[1]:  # [D, rows] @ [rows, F slice] -> drhs[e][:, slice]
+      np.matmul(lhs[rows].T, dout[rows, first:last], out=drhs[e, :, first:last])
+    else:  # [D slice, rows] @ [rows, F] -> drhs[e][slice]
+      np.matmul(lhs[rows, first:last].T, dout[rows], out=drhs[e, first:last])
+
+
+def _host_gmm_multi(ctx, outs, lhs, *rhss_and_sizes, transpose_rhs: bool = False) -> None:
+  """outs[i][rows of e] = lhs[rows of e] @ rhss[i][e] (rhss[i][e].T with `transpose_rhs`) for
+  every i: one left-hand side against one or several weights (a gated FFN's gate and up), each
+  share of lhs's rows read once for all of them."""
   del ctx
-  out, lhs, rhs = np.asarray(out), np.asarray(lhs), np.asarray(rhs)
+  *rhss, group_sizes = rhss_and_sizes
+  outs, lhs, rhss = [np.asarray(o) for o in outs], np.asarray(lhs), [np.asarray(w) for w in rhss]
   starts, ends, routed = _group_bounds(group_sizes, lhs.shape[0])
   groups = np.flatnonzero(ends > starts).tolist()
-  out[routed:] = 0  # the rows past the groups
+  for out in outs:
+    out[routed:] = 0  # the rows past the groups
 
   def rows(first: int, last: int) -> None:
-    """out[first:last] (rows of consecutive groups), one GEMM per group piece."""
-    for e in groups:
-      lo, hi = max(int(starts[e]), first), min(int(ends[e]), last)
-      if lo < hi:
-        w = rhs[e].T if transpose_rhs else rhs[e]  # [D, F], a view
-        np.matmul(lhs[lo:hi], w, out=out[lo:hi])
+    for e, lo, hi in _row_pieces(starts, ends, groups, first, last):
+      for rhs, out in zip(rhss, outs, strict=True):
+        np.matmul(lhs[lo:hi], rhs[e].T if transpose_rhs else rhs[e], out=out[lo:hi])
 
   # Every thread takes an equal share of the routed rows, whatever the groups' sizes.
-  _run_split(rows, routed, 2 * routed * lhs.shape[1] * out.shape[1])
+  _run_split(rows, routed, 2 * routed * lhs.shape[1] * sum(o.shape[1] for o in outs))
+
+
+def _host_gmm(ctx, out, lhs, rhs, group_sizes, *, transpose_rhs: bool) -> None:
+  _host_gmm_multi(ctx, (out,), lhs, rhs, group_sizes, transpose_rhs=transpose_rhs)
 
 
 def _host_tgmm(ctx, out, lhs, grad, group_sizes) -> None:
@@ -302,39 +326,12 @@ def _host_tgmm(ctx, out, lhs, grad, group_sizes) -> None:
   out[~has_rows] = 0
   num_d, num_f = out.shape[1:]
 
-  # Every thread takes an equal slice of each group's [D, F] gradient, along its longer side: a
-  # group's rows cannot be split without adding partial sums.
+  # Every thread takes an equal slice of each group's [D, F] gradient, along its longer side.
   def block(first: int, last: int) -> None:
     for e in groups:
-      r = slice(starts[e], ends[e])
-      if num_f >= num_d:  # [D, rows] @ [rows, F slice] -> out[e][:, slice]
-        np.matmul(lhs[r].T, grad[r, first:last], out=out[e, :, first:last])
-      else:  # [D slice, rows] @ [rows, F] -> out[e][slice]
-        np.matmul(lhs[r, first:last].T, grad[r], out=out[e, first:last])
+      _weight_grads(lhs, (grad,), (out,), e, slice(starts[e], ends[e]), first, last)
 
   _run_split(block, max(num_d, num_f), 2 * routed * num_d * num_f)
-
-
-def _host_gmm_multi(ctx, outs, lhs, *rhss_and_sizes) -> None:
-  """outs[i][rows of e] = lhs[rows of e] @ rhss[i][e] for every i: one left-hand side against
-  several weights (a gated FFN's gate and up), each row share's lhs rows read once for all."""
-  del ctx
-  *rhss, group_sizes = rhss_and_sizes
-  outs, lhs, rhss = [np.asarray(o) for o in outs], np.asarray(lhs), [np.asarray(w) for w in rhss]
-  starts, ends, routed = _group_bounds(group_sizes, lhs.shape[0])
-  groups = np.flatnonzero(ends > starts).tolist()
-  for out in outs:
-    out[routed:] = 0
-
-  def rows(first: int, last: int) -> None:
-    for e in groups:
-      lo, hi = max(int(starts[e]), first), min(int(ends[e]), last)
-      if lo < hi:
-        for rhs, out in zip(rhss, outs, strict=True):
-          np.matmul(lhs[lo:hi], rhs[e], out=out[lo:hi])
-
-  flops = 2 * routed * lhs.shape[1] * sum(o.shape[1] for o in outs)
-  _run_split(rows, routed, flops)
 
 
 def _host_gmm_multi_vjp(ctx, outs, lhs, *args) -> None:
@@ -359,40 +356,30 @@ def _host_gmm_multi_vjp(ctx, outs, lhs, *args) -> None:
   dlhs[routed:] = 0
   for drhs in drhss:
     drhs[~has_rows] = 0
-  num_d = lhs.shape[1]
 
   def lhs_rows(e: int, lo: int, hi: int) -> None:
     np.matmul(douts[0][lo:hi], rhss[0][e].T, out=dlhs[lo:hi])  # [rows, F_1] @ [F_1, D]
     for rhs, dout in zip(rhss[1:], douts[1:], strict=True):
       dlhs[lo:hi] += dout[lo:hi] @ rhs[e].T
 
-  def rhs_block(e: int, first: int, last: int, r: slice) -> None:
-    for drhs, dout in zip(drhss, douts, strict=True):
-      if drhs.shape[2] >= num_d:  # [D, rows] @ [rows, F slice] -> d rhs[e][:, slice]
-        np.matmul(lhs[r].T, dout[r, first:last], out=drhs[e, :, first:last])
-      else:  # [D slice, rows] @ [rows, F] -> d rhs[e][slice]
-        np.matmul(lhs[r, first:last].T, dout[r], out=drhs[e, first:last])
-
-  longest = max(max(d.shape[2], num_d) for d in drhss)
+  longest = max(max(d.shape[1:]) for d in drhss)
   if num_threads() == 1:
     with _single_threaded_blas:
       for e in groups:
         r = slice(int(starts[e]), int(ends[e]))
         lhs_rows(e, r.start, r.stop)
-        rhs_block(e, 0, longest, r)
+        _weight_grads(lhs, douts, drhss, e, r, 0, longest)
     return
 
   def rows(first: int, last: int) -> None:
-    for e in groups:
-      lo, hi = max(int(starts[e]), first), min(int(ends[e]), last)
-      if lo < hi:
-        lhs_rows(e, lo, hi)
+    for e, lo, hi in _row_pieces(starts, ends, groups, first, last):
+      lhs_rows(e, lo, hi)
 
   def block(first: int, last: int) -> None:
     for e in groups:
-      rhs_block(e, first, last, slice(int(starts[e]), int(ends[e])))
+      _weight_grads(lhs, douts, drhss, e, slice(int(starts[e]), int(ends[e])), first, last)
 
-  flops = 2 * routed * num_d * sum(d.shape[2] for d in drhss)
+  flops = 2 * routed * lhs.shape[1] * sum(d.shape[2] for d in drhss)
   _run_split(rows, routed, flops)
   _run_split(block, longest, flops)
 
