@@ -313,12 +313,9 @@ def _host_gmm_multi(ctx, outs, lhs, *rhss_and_sizes, transpose_rhs: bool = False
   _run_split(rows, routed, 2 * routed * lhs.shape[1] * sum(o.shape[1] for o in outs))
 
 
-def _host_gmm(ctx, out, lhs, rhs, group_sizes, *, transpose_rhs: bool) -> None:
-  _host_gmm_multi(ctx, (out,), lhs, rhs, group_sizes, transpose_rhs=transpose_rhs)
-
-
-def _host_tgmm(ctx, out, lhs, grad, group_sizes) -> None:
+def _host_tgmm(ctx, outs, lhs, grad, group_sizes) -> None:
   del ctx
+  (out,) = outs
   out, lhs, grad = np.asarray(out), np.asarray(lhs), np.asarray(grad)
   starts, ends, routed = _group_bounds(group_sizes, lhs.shape[0])
   has_rows = ends > starts
@@ -343,7 +340,7 @@ def _host_gmm_multi_vjp(ctx, outs, lhs, *args) -> None:
   `args` are rhs_1..rhs_n, d out_1..d out_n and group_sizes; `outs` d lhs, d rhs_1..d rhs_n. On one
   thread each group's GEMMs run back to back while its rows are in cache; on several, the rows of
   d lhs are cut as gmm cuts them, then every d rhs_i as tgmm cuts it. With n = 1 the GEMMs are
-  exactly those of `_host_gmm` (transposed) and `_host_tgmm`, so the numbers are too.
+  exactly those of gmm's kernel (transposed) and `_host_tgmm`, so the numbers are too.
   """
   del ctx
   n = (len(args) - 1) // 2
@@ -384,18 +381,15 @@ def _host_gmm_multi_vjp(ctx, outs, lhs, *args) -> None:
   _run_split(block, longest, flops)
 
 
-def _call(kernel, shapes, dtype, out_dtypes, *operands):
-  """Runs `kernel` on the operands in `dtype` into fresh buffers of `shapes` (one shape, or a tuple
-  of them for a kernel with several outputs); casts them to `out_dtypes` (one, or one each)."""
+def _call(kernel, shapes, dtype, out_dtypes, *operands) -> tuple[jax.Array, ...]:
+  """Runs `kernel(ctx, outs, *operands)` on the operands in `dtype` into fresh buffers of `shapes`
+  (a tuple of shapes, one per output); casts the outputs to `out_dtypes` (one each)."""
   *arrays, group_sizes = operands
   arrays = [x.astype(dtype) for x in arrays]
-  several = isinstance(shapes[0], tuple)
-  structs = tuple(jax.ShapeDtypeStruct(s, dtype) for s in (shapes if several else (shapes,)))
-  outs = buffer_callback(kernel, structs if several else structs[0])(*arrays, group_sizes)
+  structs = tuple(jax.ShapeDtypeStruct(s, dtype) for s in shapes)
+  outs = buffer_callback(kernel, structs)(*arrays, group_sizes)
   # The callback's results are typed as varying over no `shard_map` axis; they vary as the inputs.
   axes = varying_axes(*operands)
-  if not several:
-    return jax.lax.pcast(outs, axes, to="varying").astype(out_dtypes)
   return tuple(
     jax.lax.pcast(o, axes, to="varying").astype(t) for o, t in zip(outs, out_dtypes, strict=True)
   )
@@ -418,10 +412,10 @@ def gmm(
   """
   del interpret
   out_dim = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  kernel = lambda ctx, out, *args: _host_gmm(ctx, out, *args, transpose_rhs=transpose_rhs)
+  kernel = lambda ctx, outs, *args: _host_gmm_multi(ctx, outs, *args, transpose_rhs=transpose_rhs)
   out_dtype = preferred_element_type or lhs.dtype
   dtype = _compute_dtype(lhs, rhs)
-  return _call(kernel, (lhs.shape[0], out_dim), dtype, out_dtype, lhs, rhs, group_sizes)
+  return _call(kernel, [(lhs.shape[0], out_dim)], dtype, [out_dtype], lhs, rhs, group_sizes)[0]
 
 
 def tgmm(
@@ -441,7 +435,7 @@ def tgmm(
   dtype = _compute_dtype(lhs, grad)
   out_dtype = preferred_element_type or jnp.result_type(lhs, grad)
   shape = (group_sizes.shape[0], lhs.shape[1], grad.shape[1])
-  return _call(_host_tgmm, shape, dtype, out_dtype, lhs, grad, group_sizes)
+  return _call(_host_tgmm, [shape], dtype, [out_dtype], lhs, grad, group_sizes)[0]
 
 
 def gmm_multi(
