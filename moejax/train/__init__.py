@@ -6,6 +6,6 @@
 this module's imports so that `--help` and flag errors do not import jax).
 """
 
-from moejax.train.config import base_config, moe_config, parse_arg
+from moejax.train.config import base_config, describe, moe_config, parse_arg
 
-__all__ = ["base_config", "moe_config", "parse_arg"]
+__all__ = ["base_config", "describe", "moe_config", "parse_arg"]

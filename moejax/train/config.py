@@ -3,9 +3,26 @@
 An experiment file (experiments/<family>.py) starts from `base_config()` and overrides what its
 family studies. Every field the trainer reads exists here, with a one-line comment, so the config can
 be locked: a typo in an override (`--config.train.stpes=10`) fails before anything compiles.
+
+The `model.moe` block is not written out here: `moe_config()` generates it from the fields, defaults
+and comments of `moejax.moe.MoEConfig` (`dataclass_skeleton`, `field_comments`), so a field added to
+MoEConfig is settable as `--config.model.moe.FIELD=...` at once. `describe(config)` lists every
+field of a config with its value and comment.
 """
 
 from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import io
+import textwrap
+import tokenize
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -40,57 +57,137 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
-def moe_config(**overrides) -> ml_collections.ConfigDict:
-  """The model.moe block: keys are `moejax.moe.MoEConfig` fields (d_model comes from model)."""
-  moe = ml_collections.ConfigDict(
-    dict(
-      # Routed experts E.
-      num_experts=8,
-      # Experts per token K (cap for top_p; mean experts per token for expert_choice).
-      top_k=2,
-      # Hidden width F of each routed expert.
-      expert_hidden_dim=256,
-      # softmax_topk | topk_softmax | sigmoid | expert_choice | top_p.
-      router="softmax_topk",
-      # Renormalise the selected weights to sum to one.
-      norm_topk_prob=True,
-      # Scale of the combine weights (DeepSeek-V3: 2.5).
-      routed_scaling_factor=1.0,
-      # Group-limited routing (sigmoid router): groups and groups kept per token.
-      num_groups=1,
-      topk_groups=1,
-      # Probability mass for the top_p router.
-      top_p=1.0,
-      # C = ceil(T*K/E * capacity_factor) for capacity dispatch and expert choice.
-      capacity_factor=1.25,
-      # dropless | capacity.
-      dispatch="dropless",
-      # swiglu | geglu | gelu | relu.
-      activation="swiglu",
-      # Shared experts every token visits (DeepSeekMoE, Qwen2-MoE).
-      num_shared_experts=0,
-      # Hidden width of each shared expert (None: expert_hidden_dim).
-      shared_expert_hidden_dim=config_dict.placeholder(int),
-      # Qwen2-MoE's sigmoid gate on the shared experts.
-      shared_expert_gate=False,
-      # Multiplicative router-input jitter in training (0: off).
-      jitter_noise=0.0,
-      # Learned bias on router logits (gpt-oss).
-      router_bias=False,
-      # Auxiliary-loss-free balancing bias (DeepSeek-V3), updated every step outside the optimizer.
-      aux_free_bias=False,
-      # Its update rate gamma.
-      aux_free_bias_rate=0.001,
-      # Grouped-matmul backend: auto | xla | blas | cpu | reference.
-      gmm_backend="auto",
-      # Expert-parallel all_to_all: auto (ragged on TPU/GPU, padded on CPU) | padded | ragged.
-      ep_transport="auto",
-      # Least-Loaded EP: spill load above alpha x the mean device load (None: off) ...
-      llep_alpha=config_dict.placeholder(float),
-      # ... to devices hosting at most this many foreign experts.
-      llep_slots=1,
-    )
+# Types a config field may hold, so that `--config.a.b=value` can parse it.
+_FIELD_TYPES = {t.__name__: t for t in (bool, int, float, str, tuple)}
+
+
+def _comment_lines(source: str) -> dict[int, str]:
+  """Line number (1-based) -> text of each line of `source` that holds only a `#` comment."""
+  lines = source.splitlines()
+  out = {}
+  for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+    if tok.type == tokenize.COMMENT and lines[tok.start[0] - 1].lstrip().startswith("#"):
+      out[tok.start[0]] = tok.string.lstrip("#").strip()
+  return out
+
+
+def _comment_above(comments: Mapping[int, str], lineno: int) -> str:
+  """The block of comment lines directly above line `lineno`, joined into one line."""
+  block = []
+  while lineno - 1 in comments:
+    lineno -= 1
+    block.append(comments[lineno])
+  return " ".join(part for part in reversed(block) if part)
+
+
+def field_comments(cls: type) -> dict[str, str]:
+  """The `# comment` lines directly above each field of the dataclass `cls`, joined into one line.
+
+  A field without a comment of its own that directly follows another field (no blank line between)
+  shares that field's comment, as `topk_groups` shares the one above `num_groups`. Fields of
+  dataclass bases are included; a class whose source cannot be read gives empty comments.
+  """
+  out = {}
+  for klass in reversed(cls.__mro__):
+    if not dataclasses.is_dataclass(klass):
+      continue
+    try:
+      source = textwrap.dedent(inspect.getsource(klass))
+    except (OSError, TypeError):
+      continue
+    comments = _comment_lines(source)
+    class_def = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef))
+    previous_end, previous = None, ""
+    for node in class_def.body:
+      if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+        previous_end = None
+        continue
+      text = _comment_above(comments, node.lineno)
+      if not text and previous_end == node.lineno - 1:
+        text = previous
+      out[node.target.id] = text
+      previous_end, previous = node.end_lineno, text
+  return {f.name: out.get(f.name, "") for f in dataclasses.fields(cls)}
+
+
+def _placeholder_type(cls: type, field: dataclasses.Field) -> type:
+  """The type of `field` without its `| None`: `int | None` -> int, `tuple[int, ...]` -> tuple."""
+  hint = field.type
+  if isinstance(hint, str):  # `from __future__ import annotations`
+    try:
+      hint = typing.get_type_hints(cls)[field.name]
+    except Exception:  # a name only the class's scope knows: read the string instead
+      names = [part.strip().split("[")[0] for part in hint.split("|")]
+      names = [name for name in names if name not in ("None", "NoneType")]
+      hint = _FIELD_TYPES.get(names[0]) if len(names) == 1 else hint
+  if typing.get_origin(hint) in (typing.Union, types.UnionType):
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    hint = args[0] if len(args) == 1 else hint
+  hint = typing.get_origin(hint) or hint
+  if hint in _FIELD_TYPES.values():
+    return hint
+  raise TypeError(
+    f"{cls.__name__}.{field.name}: no config type for the annotation {field.type!r}; a field "
+    f"without a default needs one of {', '.join(_FIELD_TYPES)} (optionally `| None`)"
   )
+
+
+def dataclass_skeleton(
+  cls: type, *, exclude: Iterable[str] = (), defaults: Mapping[str, Any] | None = None
+) -> ml_collections.ConfigDict:
+  """A ConfigDict with one key per field of the dataclass `cls`, holding the field's default.
+
+  `defaults` overrides or supplies defaults (a field without one must get one here or becomes a
+  placeholder). A default of None becomes `config_dict.placeholder(T)` with T from the annotation
+  (`int | None` -> int), so the command line can set it; tuples stay tuples. The field comments are
+  `field_comments(cls)`. `exclude` names fields left out (the caller sets them elsewhere).
+  """
+  exclude, defaults = set(exclude), dict(defaults or {})
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted((exclude | set(defaults)) - set(fields))
+  if unknown:
+    raise ValueError(f"{cls.__name__} has no field(s) {unknown}; known fields are {sorted(fields)}")
+  out = {}
+  for name, field in fields.items():
+    if name in exclude:
+      continue
+    if name in defaults:
+      value = defaults[name]
+    elif field.default is not dataclasses.MISSING:
+      value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+      value = field.default_factory()
+    else:
+      value = None
+    if value is None:
+      value = config_dict.placeholder(_placeholder_type(cls, field))
+    elif isinstance(value, list):
+      value = tuple(value)  # the command line sets tuples, not lists
+    elif not isinstance(value, (bool, int, float, str, tuple)):
+      raise TypeError(
+        f"{cls.__name__}.{name}: its default {value!r} cannot be a config value; give it a "
+        f"bool, int, float, str or tuple default, or exclude it from the skeleton"
+      )
+    out[name] = value
+  return ml_collections.ConfigDict(out)
+
+
+# Fields of `MoEConfig` that the model sets, not the `model.moe` block.
+MOE_SET_BY_MODEL = ("d_model", "dtype", "param_dtype")
+# The skeleton's values for MoEConfig fields without a default: a small CPU-friendly layer.
+MOE_SKELETON_DEFAULTS = dict(num_experts=8, top_k=2, expert_hidden_dim=256)
+
+
+def moe_config(**overrides) -> ml_collections.ConfigDict:
+  """The model.moe block, generated from `moejax.moe.MoEConfig`: its fields, defaults and comments.
+
+  A field added to MoEConfig is settable as `--config.model.moe.FIELD=...` with nothing to add here;
+  `describe(config)` shows its comment. d_model, dtype and param_dtype come from config.model.
+  """
+  # Imported here, not at the top, so that `import moejax.train` and `--help` do not import jax.
+  from moejax.moe.config import MoEConfig
+
+  moe = dataclass_skeleton(MoEConfig, exclude=MOE_SET_BY_MODEL, defaults=MOE_SKELETON_DEFAULTS)
   moe.update(overrides)
   return moe
 
@@ -226,3 +323,55 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
   return config
+
+
+def _dict_comments(fn) -> dict[str, str]:
+  """`block.key` -> the comment above `key=` in `config.block = ConfigDict(dict(key=...))` in `fn`."""
+  source = textwrap.dedent(inspect.getsource(fn))
+  comments, out = _comment_lines(source), {}
+  for node in ast.walk(ast.parse(source)):
+    if not (
+      isinstance(node, ast.Assign)
+      and len(node.targets) == 1
+      and isinstance(node.targets[0], ast.Attribute)
+    ):
+      continue
+    calls = [c for c in ast.walk(node.value) if isinstance(c, ast.Call)]
+    call = next((c for c in calls if isinstance(c.func, ast.Name) and c.func.id == "dict"), None)
+    previous_end, previous = None, ""
+    for keyword in call.keywords if call else ():
+      text = _comment_above(comments, keyword.lineno)
+      if not text and previous_end == keyword.lineno - 1:
+        text = previous
+      out[f"{node.targets[0].attr}.{keyword.arg}"] = text
+      previous_end, previous = keyword.end_lineno, text
+  return out
+
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+  """Dotted config path -> its one-line comment, for every field of `base_config()`."""
+  from moejax.moe.config import MoEConfig
+
+  docs = _dict_comments(base_config)
+  docs.update({f"model.moe.{k}": v for k, v in field_comments(MoEConfig).items()})
+  return docs
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """Every field of `config`, one a line: `path = value  # comment` (see `field_docs`)."""
+  docs = field_docs()
+
+  def leaves(node, prefix):
+    for key, value in node.items():
+      path = f"{prefix}{key}"
+      if isinstance(value, Mapping):
+        yield from leaves(value, f"{path}.")
+      else:
+        yield path, value
+
+  lines = []
+  for path, value in leaves(config.to_dict(), ""):
+    comment = docs.get(path)
+    lines.append(f"{path} = {value!r}" + (f"  # {comment}" if comment else ""))
+  return "\n".join(lines)
