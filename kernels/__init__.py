@@ -4,6 +4,22 @@ Each op lives in its own folder with a public `ops.py`, one file per backend and
 `reference.py` oracle that the tests compare every backend against.
 """
 
-from moejax.kernels.grouped_matmul import BACKENDS, gmm, gmm_multi, tgmm
+from moejax.kernels.grouped_matmul import (
+  BACKENDS,
+  gmm,
+  gmm_multi,
+  host_threads,
+  limit_host_threads,
+  set_host_threads,
+  tgmm,
+)
 
-__all__ = ["BACKENDS", "gmm", "gmm_multi", "tgmm"]
+__all__ = [
+  "BACKENDS",
+  "gmm",
+  "gmm_multi",
+  "host_threads",
+  "limit_host_threads",
+  "set_host_threads",
+  "tgmm",
+]

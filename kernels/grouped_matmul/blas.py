@@ -1,11 +1,13 @@
 """Grouped matmul on the host's BLAS: one GEMM per non-empty group, on XLA's own buffers.
 
-XLA:CPU compiles each group's dot of the `cpu` backend into a small fused kernel; for the shapes a
-mixture of experts makes (tens to hundreds of rows per group, D and F in the hundreds or more)
-those run well below what a BLAS GEMM reaches on the same core, and the weight gradient (a dot
-that contracts the group's few rows) is the worst of them. This backend hands the whole grouped
-matmul to the host instead, through `jax.experimental.buffer_callback`, which passes XLA's input
-and output buffers to Python as zero-copy arrays:
+XLA:CPU lowers `ragged_dot` to a dense dot over all E groups, and compiles a loop of per-group
+dots into small fused kernels; for the shapes a mixture of experts makes (tens to hundreds of rows
+per group, D and F in the hundreds or more) those run well below what a BLAS GEMM reaches on the
+same core, and the weight gradient (a dot that contracts the group's few rows) is the worst of
+them. (Such a loop of XLA dots, the `cpu` backend that once stood beside this one, took 1.1-2x
+this backend's time fwd+bwd at every MoE shape measured, and was deleted.) This backend hands the
+whole grouped matmul to the host instead, through `jax.experimental.buffer_callback`, which
+passes XLA's input and output buffers to Python as zero-copy arrays:
 
     for each group e with rows [start, end):                      (numpy.matmul -> BLAS GEMM)
       gmm:   out[start:end] = lhs[start:end] @ rhs[e]             (rhs[e].T with transpose_rhs)
@@ -21,7 +23,8 @@ transposed operands, so no operand is copied. Rows at or past sum(group_sizes) a
 backend does.
 
 Threads. The kernels split each call over the host's cores themselves and run every GEMM on one
-BLAS thread (`set_num_threads`; default: the cores this process may use). gmm gives each thread an
+BLAS thread (`set_num_threads`, exported as `moejax.kernels.set_host_threads`; default: the cores
+this process may use; a call's `threads` option overrides it). gmm gives each thread an
 equal share of the routed rows (a group that straddles a boundary is cut in two); tgmm gives each
 an equal slice of every group's [D, F] gradient along its longer side (a group's rows cannot be
 cut without summing partial products). So the split is even however the tokens are routed. One
@@ -32,7 +35,8 @@ between them instead of each taking all of them; the cut itself depends only on 
 from the whole, and a cut that followed the timing made two runs of one config differ. Results
 are therefore bit-reproducible for a given thread count (set it with `set_num_threads` to
 reproduce a run on a machine with other cores). A caller that runs several XLA programs at once
-(the trainer's concurrent micro-batches) caps every call's threads with `limit_threads` while
+(the trainer's concurrent micro-batches) caps every call's threads with `limit_threads`
+(`moejax.kernels.limit_host_threads`) while
 they run: each program then already has a core, and a call's worker thread would only contend
 with the other program's ops (the Mixtral tiny train step, two micro-batches on 2 cores: 238 ->
 216 and 245 -> 229 ms with one thread per call, alternating steps in one process).
@@ -55,12 +59,15 @@ once per device inside `shard_map` (each on its own shard), or once on the whole
 GIL busy on another thread while a step runs will wait for it. While a call runs, every BLAS
 library in the process (threadpoolctl's view) is set to one thread, and restored after. A host
 callback cannot be serialised: `jax.export` of a computation that contains this backend fails
-("serialization of host_callbacks is not yet implemented"); `gmm_backend="cpu"` is pure XLA.
+("serialization of host_callbacks is not yet implemented"); `backend="xla"` is pure XLA. Lowered
+for another platform, these kernels fail naming the backend (`_require_cpu_p`); `backend="auto"`
+never lowers them there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 import queue
@@ -71,8 +78,10 @@ import jax.numpy as jnp
 import numpy as np
 import threadpoolctl
 from jax.experimental.buffer_callback import buffer_callback
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
 
-from moejax.kernels.grouped_matmul.cpu import varying_axes
+from moejax.kernels.grouped_matmul.common import group_bounds, varying_axes
 
 # The dtypes numpy's matmul hands to BLAS; anything else computes in float32.
 _BLAS_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -81,13 +90,6 @@ _BLAS_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 def _compute_dtype(*arrays) -> np.dtype:
   dtype = np.dtype(jnp.result_type(*arrays))
   return dtype if dtype in _BLAS_DTYPES else np.dtype(np.float32)
-
-
-def _group_bounds(group_sizes, num_rows: int) -> tuple[np.ndarray, np.ndarray, int]:
-  """([E] first row, [E] one-past-last row, rows routed) of the groups, clipped to `num_rows`; a
-  group has rows where end > start."""
-  ends = np.minimum(np.cumsum(np.asarray(group_sizes), dtype=np.int64), num_rows)
-  return np.concatenate([[0], ends[:-1]]), ends, int(ends[-1]) if ends.size else 0
 
 
 class _SingleThreadedBLAS:
@@ -194,31 +196,52 @@ _num_threads: int | None = None  # None: the cores this process may run on
 _thread_limits: list[int] = []  # the caps of the open `limit_threads` scopes
 
 # A part smaller than this costs more to hand to another thread (a queue put and a wake-up, tens
-# of microseconds) than it saves.
+# of microseconds) than it saves. The `min_part_flops` option overrides it per call.
 _MIN_PART_FLOPS = 2**21
+
+# The options this backend takes (`ops.gmm(..., options=...)`), with their defaults.
+OPTIONS = {
+  # Threads to split each call over instead of `num_threads()`'s count (still capped by the open
+  # `limit_threads` scopes); None: `num_threads()`. The cut, and so the rounding, follows it.
+  "threads": None,
+  # The least work, in FLOPs, worth handing to another thread; smaller calls run on fewer threads.
+  "min_part_flops": _MIN_PART_FLOPS,
+}
+
+
+def _is_count(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def check_options(threads=None, min_part_flops=_MIN_PART_FLOPS) -> None:
+  """Raises a ValueError naming the option whose value this backend cannot use."""
+  if threads is not None and not _is_count(threads):
+    raise ValueError(
+      f"gmm backend 'blas': option threads={threads!r}; allowed: an int >= 1, or None"
+    )
+  if not _is_count(min_part_flops):
+    raise ValueError(
+      f"gmm backend 'blas': option min_part_flops={min_part_flops!r}; allowed: an int >= 1"
+    )
 
 
 def set_num_threads(threads: int | None) -> None:
   """Sets how many threads the host kernels split a grouped matmul over; None (the default) uses
   every core this process may run on (`os.sched_getaffinity`)."""
   global _num_threads
-  if threads is not None and (
-    isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
-  ):
-    raise ValueError(f"blas.set_num_threads: threads={threads!r}; allowed: an int >= 1, or None")
+  if threads is not None and not _is_count(threads):
+    raise ValueError(f"set_host_threads: threads={threads!r}; allowed: an int >= 1, or None")
   _num_threads = threads
 
 
-def num_threads() -> int:
-  """The threads the host kernels split a grouped matmul over: `set_num_threads`'s count, capped
-  by the open `limit_threads` scopes."""
-  if _num_threads is not None:
+def num_threads(threads: int | None = None) -> int:
+  """The threads the host kernels split a grouped matmul over: `threads` if given (a call's
+  option), else `set_num_threads`'s count, capped by the open `limit_threads` scopes."""
+  if threads is None:
     threads = _num_threads
-  elif hasattr(os, "sched_getaffinity"):
-    threads = len(os.sched_getaffinity(0))
-  else:
-    threads = os.cpu_count() or 1
-  return min([threads, *_thread_limits])
+  if threads is None:
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return min([threads or 1, *_thread_limits])
 
 
 @contextlib.contextmanager
@@ -230,8 +253,8 @@ def limit_threads(threads: int):
   Scopes nest (the smallest cap applies). The cap changes the cut of each call, so results are
   those of `set_num_threads(min(count, threads))`.
   """
-  if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-    raise ValueError(f"blas.limit_threads: threads={threads!r}; allowed: an int >= 1")
+  if not _is_count(threads):
+    raise ValueError(f"limit_host_threads: threads={threads!r}; allowed: an int >= 1")
   _thread_limits.append(threads)
   try:
     yield
@@ -245,20 +268,22 @@ def _bounds(size: int, parts: int) -> list[tuple[int, int]]:
   return list(itertools.pairwise(cuts))
 
 
-def _run_split(run, size: int, flops: int) -> None:
+def _run_split(
+  run, size: int, flops: int, threads: int | None = None, min_part_flops: int = _MIN_PART_FLOPS
+) -> None:
   """Runs `run(first, last)` over ranges that cover [0, size), on the threads the call gets.
 
-  The ranges depend on nothing but `size`, `flops` and `num_threads()`: one per thread, none
-  below `_MIN_PART_FLOPS` of the call's `flops`. A GEMM cut into other pieces rounds differently
-  (OpenBLAS's results differ in the last bits between a [500, K] product and its two [250, K]
-  halves), so a cut that followed the timing would make training runs irreproducible. The ranges
-  run on `num_threads()` shared among the calls running at the same moment (XLA runs independent
-  ops, e.g. a layer's input and weight gradients, side by side); each thread takes the next range
-  when it is free.
+  The ranges depend on nothing but `size`, `flops`, `min_part_flops` and `num_threads(threads)`:
+  one per thread, none below `min_part_flops` of the call's `flops`. A GEMM cut into other pieces
+  rounds differently (OpenBLAS's results differ in the last bits between a [500, K] product and
+  its two [250, K] halves), so a cut that followed the timing would make training runs
+  irreproducible. The ranges run on those threads shared among the calls running at the same
+  moment (XLA runs independent ops, e.g. a layer's input and weight gradients, side by side);
+  each thread takes the next range when it is free.
   """
   with _single_threaded_blas:
-    threads = num_threads()
-    ranges = _bounds(size, max(1, min(threads, flops // _MIN_PART_FLOPS)))
+    threads = num_threads(threads)
+    ranges = _bounds(size, max(1, min(threads, flops // min_part_flops)))
     share = max(1, threads // _single_threaded_blas.open_scopes)  # >= 1 inside the scope
     pending = iter(ranges)
     lock = threading.Lock()
@@ -272,6 +297,12 @@ def _run_split(run, size: int, flops: int) -> None:
         run(*chunk)
 
     _workers.run([take_ranges] * min(share, len(ranges)))  # one part: the caller alone
+
+
+def _split(threads=None, min_part_flops=_MIN_PART_FLOPS) -> tuple[int | None, int]:
+  """`_run_split`'s (threads, min_part_flops) arguments from a call's options, in that order (its
+  callers pass them positionally)."""
+  return threads, min_part_flops
 
 
 def _row_pieces(starts, ends, groups, first: int, last: int):
@@ -292,14 +323,16 @@ def _weight_grads(lhs, douts, drhss, e: int, rows: slice, first: int, last: int)
       np.matmul(lhs[rows, first:last].T, dout[rows], out=drhs[e, first:last])
 
 
-def _host_gmm_multi(ctx, outs, lhs, *rhss_and_sizes, transpose_rhs: bool = False) -> None:
+def _host_gmm_multi(
+  ctx, outs, lhs, *rhss_and_sizes, transpose_rhs: bool = False, **split_options
+) -> None:
   """outs[i][rows of e] = lhs[rows of e] @ rhss[i][e] (rhss[i][e].T with `transpose_rhs`) for
   every i: one left-hand side against one or several weights (a gated FFN's gate and up), each
   share of lhs's rows read once for all of them."""
   del ctx
   *rhss, group_sizes = rhss_and_sizes
   outs, lhs, rhss = [np.asarray(o) for o in outs], np.asarray(lhs), [np.asarray(w) for w in rhss]
-  starts, ends, routed = _group_bounds(group_sizes, lhs.shape[0])
+  starts, ends, routed = group_bounds(group_sizes, lhs.shape[0])
   groups = np.flatnonzero(ends > starts).tolist()
   for out in outs:
     out[routed:] = 0  # the rows past the groups
@@ -310,14 +343,15 @@ def _host_gmm_multi(ctx, outs, lhs, *rhss_and_sizes, transpose_rhs: bool = False
         np.matmul(lhs[lo:hi], rhs[e].T if transpose_rhs else rhs[e], out=out[lo:hi])
 
   # Every thread takes an equal share of the routed rows, whatever the groups' sizes.
-  _run_split(rows, routed, 2 * routed * lhs.shape[1] * sum(o.shape[1] for o in outs))
+  flops = 2 * routed * lhs.shape[1] * sum(o.shape[1] for o in outs)
+  _run_split(rows, routed, flops, *_split(**split_options))
 
 
-def _host_tgmm(ctx, outs, lhs, grad, group_sizes) -> None:
+def _host_tgmm(ctx, outs, lhs, grad, group_sizes, **split_options) -> None:
   del ctx
   (out,) = outs
   out, lhs, grad = np.asarray(out), np.asarray(lhs), np.asarray(grad)
-  starts, ends, routed = _group_bounds(group_sizes, lhs.shape[0])
+  starts, ends, routed = group_bounds(group_sizes, lhs.shape[0])
   has_rows = ends > starts
   groups = np.flatnonzero(has_rows).tolist()
   out[~has_rows] = 0
@@ -328,10 +362,10 @@ def _host_tgmm(ctx, outs, lhs, grad, group_sizes) -> None:
     for e in groups:
       _weight_grads(lhs, (grad,), (out,), e, slice(starts[e], ends[e]), first, last)
 
-  _run_split(block, max(num_d, num_f), 2 * routed * num_d * num_f)
+  _run_split(block, max(num_d, num_f), 2 * routed * num_d * num_f, *_split(**split_options))
 
 
-def _host_gmm_multi_vjp(ctx, outs, lhs, *args) -> None:
+def _host_gmm_multi_vjp(ctx, outs, lhs, *args, **split_options) -> None:
   """The gradients of `out_i = gmm(lhs, rhs_i)`, i = 1..n, in one call:
 
       d lhs[rows of e] = sum_i d out_i[rows of e] @ rhs_i[e]^T     (gmm with rhs_i[e].T)
@@ -347,7 +381,7 @@ def _host_gmm_multi_vjp(ctx, outs, lhs, *args) -> None:
   rhss, douts, group_sizes = args[:n], args[n : 2 * n], args[-1]
   dlhs, *drhss = (np.asarray(o) for o in outs)
   lhs, rhss, douts = np.asarray(lhs), [np.asarray(w) for w in rhss], [np.asarray(d) for d in douts]
-  starts, ends, routed = _group_bounds(group_sizes, lhs.shape[0])
+  starts, ends, routed = group_bounds(group_sizes, lhs.shape[0])
   has_rows = ends > starts
   groups = np.flatnonzero(has_rows).tolist()
   dlhs[routed:] = 0
@@ -360,7 +394,7 @@ def _host_gmm_multi_vjp(ctx, outs, lhs, *args) -> None:
       dlhs[lo:hi] += dout[lo:hi] @ rhs[e].T
 
   longest = max(max(d.shape[1:]) for d in drhss)
-  if num_threads() == 1:
+  if num_threads(split_options.get("threads")) == 1:
     with _single_threaded_blas:
       for e in groups:
         r = slice(int(starts[e]), int(ends[e]))
@@ -377,17 +411,48 @@ def _host_gmm_multi_vjp(ctx, outs, lhs, *args) -> None:
       _weight_grads(lhs, douts, drhss, e, slice(int(starts[e]), int(ends[e])), first, last)
 
   flops = 2 * routed * lhs.shape[1] * sum(d.shape[2] for d in drhss)
-  _run_split(rows, routed, flops)
-  _run_split(block, longest, flops)
+  _run_split(rows, routed, flops, *_split(**split_options))
+  _run_split(block, longest, flops, *_split(**split_options))
 
 
-def _call(kernel, shapes, dtype, out_dtypes, *operands) -> tuple[jax.Array, ...]:
-  """Runs `kernel(ctx, outs, *operands)` on the operands in `dtype` into fresh buffers of `shapes`
-  (a tuple of shapes, one per output); casts the outputs to `out_dtypes` (one each)."""
+def _off_cpu_error(platforms) -> ValueError:
+  return ValueError(
+    f"Grouped-matmul backend='blas' calls the host's BLAS on host buffers, so it runs on CPU "
+    f"only; this computation runs on {', '.join(map(repr, platforms))}: use backend='auto' "
+    f"(which picks by the platform compiled for) or 'xla'."
+  )
+
+
+def _require_cpu_impl(x):
+  if isinstance(x, jax.Array) and (platforms := {d.platform for d in x.devices()}) - {"cpu"}:
+    raise _off_cpu_error(sorted(platforms))
+  return x
+
+
+def _require_cpu_off_cpu(ctx, x):
+  del x
+  raise _off_cpu_error(p for p in ctx.module_context.platforms if p != "cpu")
+
+
+# The identity on an operand of every host call. Lowered for CPU it is nothing; lowered for any
+# other platform it fails, naming the backend, before `buffer_callback` would hand device buffers
+# to numpy (a GPU callback) or fail with a message that names neither the op nor the fix.
+_require_cpu_p = Primitive("gmm_blas_requires_cpu")
+_require_cpu_p.def_impl(_require_cpu_impl)
+_require_cpu_p.def_abstract_eval(lambda x: x)
+mlir.register_lowering(_require_cpu_p, lambda ctx, x: [x], platform="cpu")
+mlir.register_lowering(_require_cpu_p, _require_cpu_off_cpu)
+
+
+def _call(kernel, shapes, dtype, out_dtypes, *operands, **options) -> tuple[jax.Array, ...]:
+  """Runs `kernel(ctx, outs, *operands, **options)` on the operands in `dtype` into fresh buffers
+  of `shapes` (a tuple of shapes, one per output); casts the outputs to `out_dtypes` (one each)."""
+  check_options(**options)
   *arrays, group_sizes = operands
   arrays = [x.astype(dtype) for x in arrays]
   structs = tuple(jax.ShapeDtypeStruct(s, dtype) for s in shapes)
-  outs = buffer_callback(kernel, structs)(*arrays, group_sizes)
+  kernel = functools.partial(kernel, **options)
+  outs = buffer_callback(kernel, structs)(*arrays, _require_cpu_p.bind(group_sizes))
   # The callback's results are typed as varying over no `shard_map` axis; they vary as the inputs.
   axes = varying_axes(*operands)
   return tuple(
@@ -402,20 +467,20 @@ def gmm(
   *,
   transpose_rhs: bool = False,
   preferred_element_type=None,
-  interpret: bool = False,
+  **options,
 ) -> jax.Array:
   """Grouped matmul `[M, D] x [E, D, F] -> [M, F]` with one BLAS GEMM per non-empty group.
 
-  Not differentiable by itself (a host callback); `ops.gmm` adds the VJP. Arguments as for
-  `cpu.gmm`: `transpose_rhs` takes rhs as `[E, F, D]` and uses `rhs[e].T`; `interpret` is ignored.
-  Rows at or past sum(group_sizes) are zero.
+  Not differentiable by itself (a host callback); `ops.gmm` adds the VJP. `transpose_rhs` takes
+  rhs as `[E, F, D]` and uses `rhs[e].T`; `options` are those of `OPTIONS`. Rows at or past
+  sum(group_sizes) are zero.
   """
-  del interpret
   out_dim = rhs.shape[1] if transpose_rhs else rhs.shape[2]
-  kernel = lambda ctx, outs, *args: _host_gmm_multi(ctx, outs, *args, transpose_rhs=transpose_rhs)
+  kernel = functools.partial(_host_gmm_multi, transpose_rhs=transpose_rhs)
   out_dtype = preferred_element_type or lhs.dtype
   dtype = _compute_dtype(lhs, rhs)
-  return _call(kernel, [(lhs.shape[0], out_dim)], dtype, [out_dtype], lhs, rhs, group_sizes)[0]
+  shapes, out_dtypes = ((lhs.shape[0], out_dim),), (out_dtype,)
+  return _call(kernel, shapes, dtype, out_dtypes, lhs, rhs, group_sizes, **options)[0]
 
 
 def tgmm(
@@ -424,18 +489,17 @@ def tgmm(
   group_sizes: jax.Array,
   *,
   preferred_element_type=None,
-  interpret: bool = False,
+  **options,
 ) -> jax.Array:
   """Per-group `lhs_e^T @ grad_e -> [E, D, F]` with one BLAS GEMM per non-empty group.
 
   Not differentiable by itself; `ops.tgmm` adds the VJP. A group with no rows gets zeros; rows past
-  sum(group_sizes) are ignored. `interpret` is ignored.
+  sum(group_sizes) are ignored. `options` are those of `OPTIONS`.
   """
-  del interpret
   dtype = _compute_dtype(lhs, grad)
   out_dtype = preferred_element_type or jnp.result_type(lhs, grad)
   shape = (group_sizes.shape[0], lhs.shape[1], grad.shape[1])
-  return _call(_host_tgmm, [shape], dtype, [out_dtype], lhs, grad, group_sizes)[0]
+  return _call(_host_tgmm, (shape,), dtype, (out_dtype,), lhs, grad, group_sizes, **options)[0]
 
 
 def gmm_multi(
@@ -444,16 +508,15 @@ def gmm_multi(
   group_sizes: jax.Array,
   *,
   preferred_element_type=None,
-  interpret: bool = False,
+  **options,
 ) -> tuple[jax.Array, ...]:
   """`(gmm(lhs, rhs) for rhs in rhss)` in one host call: each share of lhs's rows is read once
   for all the weights. Not differentiable by itself; `ops.gmm_multi` adds the VJP."""
-  del interpret
   out_dtype = preferred_element_type or lhs.dtype
   dtype = _compute_dtype(lhs, *rhss)
   shapes = tuple((lhs.shape[0], w.shape[2]) for w in rhss)
   dtypes = (out_dtype,) * len(rhss)
-  return _call(_host_gmm_multi, shapes, dtype, dtypes, lhs, *rhss, group_sizes)
+  return _call(_host_gmm_multi, shapes, dtype, dtypes, lhs, *rhss, group_sizes, **options)
 
 
 def gmm_multi_vjp(
@@ -461,6 +524,7 @@ def gmm_multi_vjp(
   rhss: tuple[jax.Array, ...],
   group_sizes: jax.Array,
   douts: tuple[jax.Array, ...],
+  **options,
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
   """(d lhs [M, D], (d rhs_i [E, D, F_i], ...)) of `gmm(lhs, rhs_i)` for cotangents d out_i
   [M, F_i], in one host call (`ops`'s VJP of gmm and gmm_multi): d lhs sums d out_i @ rhs_i^T
@@ -469,5 +533,6 @@ def gmm_multi_vjp(
   dtype = _compute_dtype(lhs, *rhss, *douts)
   shapes = (lhs.shape, *(w.shape for w in rhss))
   dtypes = (lhs.dtype, *(w.dtype for w in rhss))
-  dlhs, *drhss = _call(_host_gmm_multi_vjp, shapes, dtype, dtypes, lhs, *rhss, *douts, group_sizes)
+  operands = (lhs, *rhss, *douts, group_sizes)
+  dlhs, *drhss = _call(_host_gmm_multi_vjp, shapes, dtype, dtypes, *operands, **options)
   return dlhs, tuple(drhss)

@@ -53,7 +53,6 @@ def gmm(
   *,
   transpose_rhs: bool = False,
   preferred_element_type=None,
-  interpret: bool = False,
 ) -> jax.Array:
   """Grouped matmul by masking: `out[m] = sum_e [m in group e] * (lhs[m] @ rhs[e])`.
 
@@ -63,12 +62,10 @@ def gmm(
     group_sizes: `[E]` integer group sizes, sum <= M.
     transpose_rhs: use `rhs[e].T` for group e (the backward pass of gmm needs this).
     preferred_element_type: output dtype; accumulation is in at least float32.
-    interpret: ignored (no Pallas kernel here); accepted for a uniform backend signature.
 
   Returns:
     `[M, F]`; rows at or past sum(group_sizes) are zero.
   """
-  del interpret
   out_dtype = preferred_element_type or lhs.dtype
   acc_dtype = jnp.promote_types(out_dtype, jnp.float32)
   rhs_spec = "efd" if transpose_rhs else "edf"
@@ -91,7 +88,6 @@ def tgmm(
   group_sizes: jax.Array,
   *,
   preferred_element_type=None,
-  interpret: bool = False,
 ) -> jax.Array:
   """Per-group `lhs_e^T @ grad_e`: the weight gradient of gmm.
 
@@ -100,12 +96,10 @@ def tgmm(
     grad: `[M, F]` rows in the same order.
     group_sizes: `[E]` integer group sizes, sum <= M.
     preferred_element_type: output dtype; accumulation is in at least float32.
-    interpret: ignored; accepted for a uniform backend signature.
 
   Returns:
     `[E, D, F]`; a group with no rows gets zeros.
   """
-  del interpret
   out_dtype = preferred_element_type or jnp.result_type(lhs, grad)
   acc_dtype = jnp.promote_types(out_dtype, jnp.float32)
   masked_lhs = _mask_per_group(lhs, group_sizes)  # [M, E, D]

@@ -2,8 +2,8 @@
 
 `jax.lax.ragged_dot` is one HLO op that each compiler lowers natively (a grouped kernel on TPU and
 GPU) and that JAX knows how to differentiate, so this backend uses plain autodiff for gmm. On CPU,
-XLA lowers it to a masked dense dot over all E groups, i.e. E times the useful FLOPs: use the `blas`
-or `cpu` backend there.
+XLA lowers it to a masked dense dot over all E groups, i.e. E times the useful FLOPs: `auto` runs
+the `blas` backend there.
 
 tgmm is `ragged_dot_general` with the ragged dimension contracted (JAX's "ragged contracting" mode),
 which computes `[E, D, F]` directly. JAX cannot differentiate that mode, so `ops.tgmm` gives it a
@@ -41,7 +41,6 @@ def gmm(
   *,
   transpose_rhs: bool = False,
   preferred_element_type=None,
-  interpret: bool = False,
 ) -> jax.Array:
   """`[M, D] x [E, D, F] -> [M, F]` with `jax.lax.ragged_dot`; see `reference.gmm` for the contract.
 
@@ -51,9 +50,7 @@ def gmm(
     group_sizes: `[E]` int32 group sizes, sum <= M.
     transpose_rhs: use `rhs[e].T` for group e.
     preferred_element_type: output dtype (default: lhs dtype).
-    interpret: ignored (no Pallas kernel here); accepted for a uniform backend signature.
   """
-  del interpret
   out_dtype = preferred_element_type or lhs.dtype
   if transpose_rhs:
     rhs = jnp.swapaxes(rhs, 1, 2)  # [E, D, F]
@@ -69,7 +66,6 @@ def tgmm(
   group_sizes: jax.Array,
   *,
   preferred_element_type=None,
-  interpret: bool = False,
 ) -> jax.Array:
   """Per-group `lhs_e^T @ grad_e -> [E, D, F]` with `jax.lax.ragged_dot_general` (not differentiable).
 
@@ -78,9 +74,7 @@ def tgmm(
     grad: `[M, F]` rows in the same order.
     group_sizes: `[E]` int32 group sizes, sum <= M. Rows past the total are ignored.
     preferred_element_type: output dtype (default: the promoted input dtype).
-    interpret: ignored; accepted for a uniform backend signature.
   """
-  del interpret
   out_dtype = preferred_element_type or jnp.result_type(lhs, grad)
   acc_dtype = jnp.promote_types(out_dtype, jnp.float32)
   dtype = jnp.result_type(lhs, grad)

@@ -7,8 +7,7 @@ entry does not blow the measure up):
   bfloat16: inputs are rounded to bf16 first and the float64 expectation is computed from the
             rounded values, so the only error left is the output rounding. Accumulating in float32
             then rounding once keeps every entry within half a bf16 ulp (2^-9 relative); the checks
-            allow one ulp (2^-8). Summing a long weight gradient tile by tile in bf16 breaks that
-            (test_cpu_tgmm_accumulates_across_tiles_in_float32).
+            allow one ulp (2^-8).
 """
 
 import functools
@@ -24,12 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import moejax.kernels
 from moejax.kernels import gmm, gmm_multi, tgmm
-from moejax.kernels.grouped_matmul import blas, cpu, ops
+from moejax.kernels.grouped_matmul import blas
 
-BACKENDS = ("reference", "xla", "cpu", "blas")
-# The backends whose kernels run under the custom VJP, which shard_map must type correctly.
-VJP_BACKENDS = ("cpu", "blas")
+BACKENDS = ("reference", "xla", "blas")
+# The backends whose kernels run under the custom VJP, which shard_map must type correctly
+# ("auto" also runs its kernels inside a platform-dependent conditional).
+VJP_BACKENDS = ("blas", "auto")
 F32_TOL = 1e-5
 
 # (M, D, F, group_sizes). M is never a multiple of a block size; D and F are unequal so a
@@ -42,15 +43,10 @@ CASES = {
   "eight_groups_all_rows_in_last": (50, 16, 24, (0, 0, 0, 0, 0, 0, 0, 50)),
 }
 
-# Tile configurations for the cpu kernels, small enough that the test shapes need several tiles
-# per group, partial last tiles, several tile levels and windows shifted back at the array's end.
-# (block_m, head_m) for the cpu kernels: each group's first tile is one of head_m, the rest block_m.
-CPU_BLOCKS = (
-  ((8,), (4,)),
-  ((7, 2, 1), (3, 5)),
-  ((16, 8, 4, 2), (2, 3, 6, 12)),
-  ((8,), cpu.DEFAULT_HEAD_M),
-)
+
+# blas options that cut even these small shapes over `threads` threads.
+def _split(threads):
+  return {"threads": threads, "min_part_flops": 1}
 
 
 def _numpy_gmm(lhs, rhs, group_sizes):
@@ -150,59 +146,34 @@ def test_gmm_forward_and_grads_match_numpy_and_reference(backend, case):
       np.testing.assert_array_equal(drhs[e], 0.0)
 
 
-@pytest.mark.parametrize("block_m, head_m", CPU_BLOCKS, ids=str)
-def test_cpu_tiling_matches_numpy(monkeypatch, block_m, head_m):
-  """The cpu kernels with tiles much smaller than the groups, through the public entry point."""
-  tiles = dict(block_m=block_m, head_m=head_m)
-  monkeypatch.setitem(
-    ops._BACKENDS,
-    "cpu_small_tiles",
-    ops.Backend(
-      functools.partial(cpu.gmm, **tiles), functools.partial(cpu.tgmm, **tiles), autodiff=False
-    ),
+_BLAS_JIT_SHAPE = (29, 8, 12, 5)  # M, D, F, E for the property test below
+
+
+@functools.cache
+def _blas_jitted():
+  options = _split(3)
+  return jax.jit(
+    lambda lhs, rhs, grad, gs: (
+      gmm(lhs, rhs, gs, backend="blas", options=options),
+      tgmm(lhs, grad, gs, backend="blas", options=options),
+    )
   )
-  m, d, f, sizes = CASES["eight_groups_ragged"]
-  lhs, rhs, group_sizes, dout = _inputs(m, d, f, sizes, seed=1)
-  out, dlhs, drhs = _gmm_and_grads("cpu_small_tiles", lhs, rhs, group_sizes, dout)
-  _assert_numpy_gmm_and_grads(out, dlhs, drhs, lhs, rhs, sizes, dout)
-
-
-def test_cpu_tgmm_accumulates_across_tiles_in_float32():
-  """bf16 weight gradient summed over 100 tiles: one bf16 rounding at the end, not one per tile."""
-  m, d, f = 200, 8, 12
-  lhs, _, group_sizes, grad = _inputs(m, d, f, (m,), dtype=jnp.bfloat16, seed=5)
-  out = cpu.tgmm(lhs, grad, group_sizes, block_m=2, head_m=(2,))
-  assert out.dtype == jnp.bfloat16
-  assert _rel_err(out, _numpy_tgmm(lhs, grad, (m,))) < 2.0**-8
-
-
-_CPU_JIT_SHAPE = (29, 8, 12, 5)  # M, D, F, E for the property test below
-
-
-@functools.cache
-def _cpu_gmm_jitted():
-  return jax.jit(functools.partial(cpu.gmm, block_m=(8, 3), head_m=(2, 5)))
-
-
-@functools.cache
-def _cpu_tgmm_jitted():
-  return jax.jit(functools.partial(cpu.tgmm, block_m=(8, 3), head_m=(2, 5)))
 
 
 @hypothesis.settings(max_examples=25, deadline=None, derandomize=True)
 @hypothesis.given(st.lists(st.integers(0, 12), min_size=5, max_size=5), st.integers(0, 2**31 - 1))
-def test_cpu_gmm_random_group_sizes(raw_sizes, seed):
-  """Any split of at most M rows into E groups, including empty groups and trailing rows."""
-  m, d, f, e = _CPU_JIT_SHAPE
+def test_blas_random_group_sizes(raw_sizes, seed):
+  """Any split of at most M rows into E groups, including empty groups and trailing rows, cut
+  over three threads (row shares and gradient slices that straddle groups)."""
+  m, d, f, e = _BLAS_JIT_SHAPE
   sizes = list(raw_sizes)
   while sum(sizes) > m:  # shrink to sum <= M, keeping zeros where they are
     sizes[int(np.argmax(sizes))] -= 1
   lhs, rhs, group_sizes, _ = _inputs(m, d, f, sizes, seed=seed % 1000)
-  out = _cpu_gmm_jitted()(lhs, rhs, group_sizes)  # one compilation: group_sizes is data
+  grad = jnp.asarray(np.random.default_rng(seed % 1000).standard_normal((m, f)), jnp.float32)
+  out, dw = _blas_jitted()(lhs, rhs, grad, group_sizes)  # one compilation: group_sizes is data
   assert _rel_err(out, _numpy_gmm(lhs, rhs, sizes)) < F32_TOL
   np.testing.assert_array_equal(out[sum(sizes) :], 0.0)
-  grad = jnp.asarray(np.random.default_rng(seed % 1000).standard_normal((m, f)), jnp.float32)
-  dw = _cpu_tgmm_jitted()(lhs, grad, group_sizes)
   assert _rel_err(dw, _numpy_tgmm(lhs, grad, sizes)) < F32_TOL
 
 
@@ -309,12 +280,16 @@ def test_tgmm_grads_match_numpy(backend):
   assert _rel_err(dgrad, _numpy_gmm(lhs, dout, sizes)) < F32_TOL
 
 
-def test_auto_backend_follows_platform():
-  expected = "blas" if jax.default_backend() == "cpu" else "xla"
-  assert ops._resolve_backend("auto", jnp.zeros((2, 2))) == expected
+def test_auto_backend_runs_eagerly_and_matches_blas():
+  """Eager calls resolve "auto" on the platform they run on: here CPU, so the blas numbers."""
   m, d, f, sizes = CASES["ragged_with_empty_and_trailing_rows"]
-  lhs, rhs, group_sizes, _ = _inputs(m, d, f, sizes)
-  assert _rel_err(gmm(lhs, rhs, group_sizes), _numpy_gmm(lhs, rhs, sizes)) < F32_TOL
+  lhs, rhs, group_sizes, dout = _inputs(m, d, f, sizes)
+  out = gmm(lhs, rhs, group_sizes)
+  assert _rel_err(out, _numpy_gmm(lhs, rhs, sizes)) < F32_TOL
+  np.testing.assert_array_equal(out, gmm(lhs, rhs, group_sizes, backend="blas"))
+  auto = _gmm_and_grads("auto", lhs, rhs, group_sizes, dout)
+  for a, b in zip(auto, _gmm_and_grads("blas", lhs, rhs, group_sizes, dout), strict=True):
+    np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("backend", VJP_BACKENDS)
@@ -383,21 +358,40 @@ def test_gmm_under_shard_map_with_sharded_weights(backend):
 
 def test_unknown_backend_is_named():
   lhs, rhs, group_sizes, grad = _inputs(4, 3, 2, (2, 2))
-  with pytest.raises(ValueError, match=r"backend='pallas_cpu'.*'auto'.*'cpu'"):
+  with pytest.raises(ValueError, match=r"backend='pallas_cpu'.*'auto'.*'blas'"):
     gmm(lhs, rhs, group_sizes, backend="pallas_cpu")
   with pytest.raises(ValueError, match=r"backend='nope'"):
     tgmm(lhs, grad, group_sizes, backend="nope")
 
 
-def test_blas_off_cpu_is_refused(monkeypatch):
-  """The host callback reads host memory: asked for on an accelerator, it says so up front."""
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_blas_off_cpu_is_refused(platform):
+  """The host callback reads host memory: lowered for an accelerator, it says so, naming the
+  argument, while "auto" lowers to ragged_dot there."""
   lhs, rhs, group_sizes, grad = _inputs(4, 3, 2, (2, 2))
-  monkeypatch.setattr(ops, "_platform", lambda *arrays: "cuda")
-  with pytest.raises(ValueError, match=r"backend='blas'.*CPU only.*'cuda'"):
-    gmm(lhs, rhs, group_sizes, backend="blas")
-  with pytest.raises(ValueError, match=r"backend='blas'.*CPU only.*'cuda'"):
-    tgmm(lhs, grad, group_sizes, backend="blas")
-  assert ops._resolve_backend("auto", lhs) == "xla"
+  message = rf"backend='blas'.*CPU only.*'{platform}'.*backend='auto'"
+  for fn, args in [(gmm, (lhs, rhs, group_sizes)), (tgmm, (lhs, grad, group_sizes))]:
+    traced = jax.jit(functools.partial(fn, backend="blas")).trace(*args)
+    with pytest.raises(ValueError, match=message):
+      traced.lower(lowering_platforms=(platform,))
+    auto = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+    assert "ragged_dot" in auto and "callback" not in auto
+
+
+@pytest.mark.parametrize("backend", ["auto", "blas"])
+def test_options_name_the_option_backend_and_allowed(backend):
+  lhs, rhs, group_sizes, grad = _inputs(4, 3, 2, (2, 2))
+  allowed = r"allowed: min_part_flops, threads"
+  with pytest.raises(ValueError, match=rf"gmm: option 'block_m'.*backend='{backend}'.*{allowed}"):
+    gmm(lhs, rhs, group_sizes, backend=backend, options={"block_m": 8})
+  with pytest.raises(ValueError, match=r"tgmm: option 'tile'.*backend='xla'.*allowed: none"):
+    tgmm(lhs, grad, group_sizes, backend="xla", options=(("tile", 8),))
+  with pytest.raises(ValueError, match=r"option threads=0; allowed: an int >= 1, or None"):
+    gmm(lhs, rhs, group_sizes, backend=backend, options={"threads": 0})
+  with pytest.raises(ValueError, match=r"option min_part_flops=\[1\] must be hashable"):
+    gmm_multi(lhs, (rhs, rhs), group_sizes, backend=backend, options={"min_part_flops": [1]})
+  with pytest.raises(ValueError, match=r"options=\['threads'\]; allowed: a mapping or a tuple"):
+    gmm(lhs, rhs, group_sizes, backend=backend, options=["threads"])
 
 
 @pytest.mark.parametrize(
@@ -423,8 +417,6 @@ def test_tgmm_and_dtype_errors():
     tgmm(lhs, grad, group_sizes, num_groups=3)
   with pytest.raises(ValueError, match=r"group_sizes must be integers"):
     gmm(lhs, jnp.zeros((2, 3, 2)), jnp.asarray([2.0, 2.0]))
-  with pytest.raises(ValueError, match=r"block_m must be a positive int"):
-    cpu.gmm(lhs, jnp.zeros((2, 3, 2)), group_sizes, block_m=0)
 
 
 # (M, D, F, group_sizes) with D > F, so tgmm slices its gradient along D, not F.
@@ -433,14 +425,12 @@ BLAS_TALL_CASE = (45, 40, 24, (0, 17, 3, 0, 20))
 
 @pytest.mark.parametrize("threads", [2, 3, 7])
 @pytest.mark.parametrize("case", [*CASES, "tall"])
-def test_blas_split_over_threads_matches_numpy(monkeypatch, case, threads):
+def test_blas_split_over_threads_matches_numpy(case, threads):
   """Every way the host kernels cut a call across threads (row shares that straddle groups, more
   threads than rows, gradient slices along D or F) gives the per-group products."""
-  monkeypatch.setattr(blas, "_MIN_PART_FLOPS", 1)  # split even these small shapes
-  monkeypatch.setattr(blas, "_num_threads", threads)
   m, d, f, sizes = BLAS_TALL_CASE if case == "tall" else CASES[case]
   lhs, rhs, group_sizes, dout = _inputs(m, d, f, sizes, seed=threads)
-  out, dlhs, drhs = _gmm_and_grads("blas", lhs, rhs, group_sizes, dout)
+  out, dlhs, drhs = _gmm_and_grads("blas", lhs, rhs, group_sizes, dout, options=_split(threads))
   _assert_numpy_gmm_and_grads(out, dlhs, drhs, lhs, rhs, sizes, dout)
   for e, size in enumerate(sizes):
     if size == 0:
@@ -449,22 +439,21 @@ def test_blas_split_over_threads_matches_numpy(monkeypatch, case, threads):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("case", [*CASES, "tall"])
-def test_blas_one_call_vjp_equals_the_two_kernels(monkeypatch, case, threads):
+def test_blas_one_call_vjp_equals_the_two_kernels(case, threads):
   """`blas.gmm_multi_vjp` with one weight (the VJP `ops.gmm` uses for this backend) gives the
   numbers of gmm(dout, rhs, transpose_rhs=True) and tgmm(lhs, dout) bit for bit, on one thread
   (each group's two GEMMs back to back) and cut over several, with empty groups, one full group
   and rows past the groups; and both equal the float64 per-group gradients."""
-  monkeypatch.setattr(blas, "_MIN_PART_FLOPS", 1)  # split even these small shapes
-  monkeypatch.setattr(blas, "_num_threads", threads)
+  split = _split(threads)  # even these small shapes
   m, d, f, sizes = BLAS_TALL_CASE if case == "tall" else CASES[case]
   lhs, rhs, group_sizes, dout = _inputs(m, d, f, sizes, seed=20 + threads)
-  dlhs, (drhs,) = jax.jit(lambda lhs, rhs, gs, dout: blas.gmm_multi_vjp(lhs, (rhs,), gs, (dout,)))(
-    lhs, rhs, group_sizes, dout
-  )
+  dlhs, (drhs,) = jax.jit(
+    lambda lhs, rhs, gs, dout: blas.gmm_multi_vjp(lhs, (rhs,), gs, (dout,), **split)
+  )(lhs, rhs, group_sizes, dout)
   two = jax.jit(
     lambda lhs, rhs, gs, dout: (
-      blas.gmm(dout, rhs, gs, transpose_rhs=True),
-      blas.tgmm(lhs, dout, gs),
+      blas.gmm(dout, rhs, gs, transpose_rhs=True, **split),
+      blas.tgmm(lhs, dout, gs, **split),
     )
   )(lhs, rhs, group_sizes, dout)
   np.testing.assert_array_equal(dlhs, two[0])
@@ -476,38 +465,36 @@ def test_blas_one_call_vjp_equals_the_two_kernels(monkeypatch, case, threads):
     if size == 0:
       np.testing.assert_array_equal(drhs[e], 0.0)
   # The custom VJP of `gmm` goes through it.
-  grads = _gmm_and_grads("blas", lhs, rhs, group_sizes, dout)[1:]
+  grads = _gmm_and_grads("blas", lhs, rhs, group_sizes, dout, options=split)[1:]
   np.testing.assert_array_equal(grads[0], dlhs)
   np.testing.assert_array_equal(grads[1], drhs)
 
 
-def _gmm_multi_and_grads(backend, lhs, rhss, group_sizes, douts):
+def _gmm_multi_and_grads(backend, lhs, rhss, group_sizes, douts, options=None):
   """(outs, dlhs, drhss) of gmm_multi under jit, with group_sizes a traced argument."""
 
   @jax.jit
   def run(lhs, rhss, group_sizes, douts):
-    outs, vjp = jax.vjp(lambda x, ws: gmm_multi(x, ws, group_sizes, backend=backend), lhs, rhss)
+    multi = lambda x, ws: gmm_multi(x, ws, group_sizes, backend=backend, options=options)
+    outs, vjp = jax.vjp(multi, lhs, rhss)
     return (outs, *vjp(douts))
 
   return run(lhs, rhss, group_sizes, douts)
 
 
 @pytest.mark.parametrize(
-  ("backend", "threads"), [(b, None) for b in BACKENDS] + [("blas", 1), ("blas", 3)]
+  ("backend", "threads"), [(b, None) for b in (*BACKENDS, "auto")] + [("blas", 1), ("blas", 3)]
 )
 @pytest.mark.parametrize("case", [*CASES, "tall"])
-def test_gmm_multi_matches_numpy(monkeypatch, backend, threads, case):
+def test_gmm_multi_matches_numpy(backend, threads, case):
   """gmm_multi against two weights of different widths: each output and every gradient (d lhs
   sums both weights' contributions) equal the float64 per-group loop, on every backend and, for
   blas, on one thread and cut over three; rows past the groups and empty groups give zeros."""
-  if threads is not None:
-    monkeypatch.setattr(blas, "_MIN_PART_FLOPS", 1)
-    monkeypatch.setattr(blas, "_num_threads", threads)
   m, d, f, sizes = BLAS_TALL_CASE if case == "tall" else CASES[case]
   lhs, rhs1, group_sizes, dout1 = _inputs(m, d, f, sizes, seed=31)
   _, rhs2, _, dout2 = _inputs(m, d, f + 5, sizes, seed=32)
   (out1, out2), dlhs, (drhs1, drhs2) = _gmm_multi_and_grads(
-    backend, lhs, (rhs1, rhs2), group_sizes, (dout1, dout2)
+    backend, lhs, (rhs1, rhs2), group_sizes, (dout1, dout2), options=threads and _split(threads)
   )
   np_dlhs1, np_drhs1 = _numpy_gmm_vjp(lhs, rhs1, sizes, dout1)
   np_dlhs2, np_drhs2 = _numpy_gmm_vjp(lhs, rhs2, sizes, dout2)
@@ -588,11 +575,18 @@ def test_blas_workers_reraise_and_keep_working():
   assert sorted(done) == [0, 1, 2, 3]
 
 
-def test_blas_concurrent_calls_share_the_threads(monkeypatch):
+@pytest.fixture
+def four_host_threads():
+  """The process-wide host thread count at 4 (as `set_host_threads(4)` on a 4-core machine),
+  restored to the default after the test."""
+  moejax.kernels.set_host_threads(4)
+  yield
+  moejax.kernels.set_host_threads(None)
+
+
+def test_blas_concurrent_calls_share_the_threads():
   """A call that starts while another runs takes its share of the threads, not all of them, and
   cuts its work exactly as it would alone."""
-  monkeypatch.setattr(blas, "_MIN_PART_FLOPS", 1)
-  monkeypatch.setattr(blas, "_num_threads", 4)
   ranges, threads = [], set()
 
   def record(first, last):
@@ -600,24 +594,23 @@ def test_blas_concurrent_calls_share_the_threads(monkeypatch):
     threads.add(threading.get_ident())
     time.sleep(0.01)  # long enough that no thread takes every range before the others start
 
-  blas._run_split(record, 10, 10**9)
+  blas._run_split(record, 10, 10**9, 4, 1)
   assert sorted(ranges) == [(0, 2), (2, 5), (5, 7), (7, 10)]
   assert len(threads) == 4
   ranges.clear()
   threads.clear()
   with blas._single_threaded_blas:  # another call in flight: 4 // 2 threads, the same ranges
-    blas._run_split(record, 10, 10**9)
+    blas._run_split(record, 10, 10**9, 4, 1)
   assert sorted(ranges) == [(0, 2), (2, 5), (5, 7), (7, 10)]
   assert len(threads) == 2
   ranges.clear()
-  blas._run_split(record, 10, 1)  # too little work to split: one range
+  blas._run_split(record, 10, 1, 4, 1)  # too little work to split: one range
   assert ranges == [(0, 10)]
 
 
-def test_blas_results_do_not_depend_on_other_calls_in_flight(monkeypatch):
+def test_blas_results_do_not_depend_on_other_calls_in_flight(four_host_threads):
   """Bit for bit the same products whether a call runs alone or beside another (which halves its
   threads): the cut must not follow the timing, or two runs of one config would differ."""
-  monkeypatch.setattr(blas, "_num_threads", 4)
   lhs, rhs, group_sizes, dout = _inputs(512, 128, 256, (200, 0, 180, 132), seed=11)
   alone = jax.block_until_ready(_gmm_and_grads("blas", lhs, rhs, group_sizes, dout))
   with blas._single_threaded_blas:
@@ -626,54 +619,60 @@ def test_blas_results_do_not_depend_on_other_calls_in_flight(monkeypatch):
     np.testing.assert_array_equal(a, b)
 
 
-def test_blas_limit_threads_caps_nests_and_restores(monkeypatch):
-  """`limit_threads` caps every call's threads while it is open, the smallest open cap wins,
-  and leaving (also by an exception) restores the count."""
-  monkeypatch.setattr(blas, "_num_threads", 4)
-  with blas.limit_threads(2):
-    assert blas.num_threads() == 2
-    with blas.limit_threads(3):
-      assert blas.num_threads() == 2
-      with blas.limit_threads(1):
-        assert blas.num_threads() == 1
-    assert blas.num_threads() == 2
-    with blas.limit_threads(8):  # a cap above the count leaves the count
-      assert blas.num_threads() == 2
-  assert blas.num_threads() == 4
-  with pytest.raises(RuntimeError, match="inside"), blas.limit_threads(1):
+def test_limit_host_threads_caps_nests_and_restores(four_host_threads):
+  """`limit_host_threads` caps every call's threads while it is open, the smallest open cap
+  wins, a call's `threads` option is capped too, and leaving (also by an exception) restores the
+  count."""
+  limit, count = moejax.kernels.limit_host_threads, moejax.kernels.host_threads
+  with limit(2):
+    assert count() == 2
+    with limit(3):
+      assert count() == 2
+      with limit(1):
+        assert count() == 1
+    assert count() == 2
+    assert count(3) == 2  # a call's option is capped as well
+    with limit(8):  # a cap above the count leaves the count
+      assert count() == 2
+  assert count() == 4
+  assert count(3) == 3
+  with pytest.raises(RuntimeError, match="inside"), limit(1):
     raise RuntimeError("inside")
-  assert blas.num_threads() == 4
+  assert count() == 4
 
 
-def test_blas_limit_threads_computes_what_that_thread_count_does(monkeypatch):
-  """Under a cap, a call cuts its work as `set_num_threads(cap)` would, so the products are those
-  of that count bit for bit."""
-  monkeypatch.setattr(blas, "_MIN_PART_FLOPS", 1)
+def test_limit_host_threads_computes_what_that_thread_count_does(four_host_threads):
+  """Under a cap, a call cuts its work as the `threads` option of that count would, so the
+  products are those of that count bit for bit."""
   lhs, rhs, group_sizes, dout = _inputs(512, 128, 256, (200, 0, 180, 132), seed=12)
-  run = lambda: jax.block_until_ready(_gmm_and_grads("blas", lhs, rhs, group_sizes, dout))
-  monkeypatch.setattr(blas, "_num_threads", 4)
-  with blas.limit_threads(1):
+
+  def run(**options):
+    options = {"min_part_flops": 1, **options}
+    return jax.block_until_ready(
+      _gmm_and_grads("blas", lhs, rhs, group_sizes, dout, options=options)
+    )
+
+  with moejax.kernels.limit_host_threads(1):
     capped = run()
-  monkeypatch.setattr(blas, "_num_threads", 1)
-  one = run()
+  one = run(threads=1)
   for a, b in zip(capped, one, strict=True):
     np.testing.assert_array_equal(a, b)
   _assert_numpy_gmm_and_grads(*capped, lhs, rhs, (200, 0, 180, 132), dout)
 
 
 @pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
-def test_blas_limit_threads_rejects(threads):
+def test_limit_host_threads_rejects(threads):
   with (
     pytest.raises(ValueError, match=rf"threads={threads!r}; allowed: an int >= 1"),
-    blas.limit_threads(threads),
+    moejax.kernels.limit_host_threads(threads),
   ):
     pass
 
 
 @pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
-def test_blas_set_num_threads_rejects(threads):
+def test_set_host_threads_rejects(threads):
   with pytest.raises(ValueError, match=rf"threads={threads!r}; allowed: an int >= 1, or None"):
-    blas.set_num_threads(threads)
+    moejax.kernels.set_host_threads(threads)
 
 
 def test_blas_under_jit_with_sharded_inputs():
