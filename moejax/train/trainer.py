@@ -41,7 +41,7 @@ from flax import nnx
 
 from moejax import sharding
 from moejax.data import DataConfig, build_datasets
-from moejax.kernels.grouped_matmul import blas
+from moejax.kernels import host_threads, limit_host_threads
 from moejax.models import ModelConfig, Transformer, lm_loss
 from moejax.train import plots
 from moejax.train.checkpoint import Checkpointer
@@ -331,7 +331,7 @@ class Trainer:
         # Each program in flight keeps a core busy: the host grouped matmuls split a call over
         # the cores left to it, not over all of them (see `blas.limit_threads`). The sequential
         # first call does the same, so that it computes what the threaded ones do, bit for bit.
-        with blas.limit_threads(max(1, blas.num_threads() // m)):
+        with limit_host_threads(max(1, host_threads() // m)):
           if not self._warm:  # the first call compiles, once
             results = [micro(i) for i in range(m)]
             self._warm = True
