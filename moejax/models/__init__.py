@@ -13,8 +13,9 @@ from moejax.models.attention import (
   dot_product_attention,
   rope_angles,
 )
-from moejax.models.config import ModelConfig
+from moejax.models.config import BlockSpec, ModelConfig
 from moejax.models.mla import MLA
+from moejax.models.registry import block_class, block_kinds, register_block
 from moejax.models.rope import rope_frequencies, yarn_softmax_scale
 from moejax.models.transformer import (
   Block,
@@ -31,6 +32,7 @@ __all__ = [
   "MLA",
   "Attention",
   "Block",
+  "BlockSpec",
   "DenseFFN",
   "ModelConfig",
   "Projection",
@@ -38,10 +40,13 @@ __all__ = [
   "Transformer",
   "apply_rope",
   "attention_mask",
+  "block_class",
+  "block_kinds",
   "cache_attention_mask",
   "dot_product_attention",
   "layer_layout",
   "lm_loss",
+  "register_block",
   "rope_angles",
   "rope_frequencies",
   "stack_layers",

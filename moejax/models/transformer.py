@@ -13,7 +13,9 @@ Each block is pre-norm (Xiong et al. 2020), as in Llama and Mixtral (Jiang et al
     x = x + FFN(RMSNorm(x))                     dense SwiGLU, or the MoE layer (moejax.moe.MoE)
 
 then a final RMSNorm (Zhang & Sennrich 2019) and the output projection (the token embedding when
-`tie_embeddings`). Which layers are MoE is `ModelConfig.is_moe_layer` (DeepSeek's layer pattern).
+`tie_embeddings`). Which layers are MoE, and with which MoEConfig, is `ModelConfig.block_specs`:
+DeepSeek's layer pattern, or one `BlockSpec` per layer (`ModelConfig.layers`), whose `kind` picks the
+block class from a registry (`register_block`; this pre-norm `Block` is "transformer").
 
 Layer stacking. Unscanned, the blocks are a list `blocks.{i}`. With `scan_layers`, the stack is split
 so that its repeating part compiles once, whatever the depth:
@@ -25,7 +27,9 @@ so that its repeating part compiles once, whatever the depth:
     suffix_blocks.{r}      the remaining (L - first_k_dense) % moe_every layers, a plain list
 
 A dense model scans all L layers as periods of one. Layer i = first_k_dense + u * moe_every + j sits at
-`scanned_blocks.{j}` index [u]. `unstack_layers` / `stack_layers` convert a state between the layouts
+`scanned_blocks.{j}` index [u]. With `ModelConfig.layers` the same three parts hold the longest
+periodic run of identical block specs (see `layer_layout`): a period may then hold several MoE layers,
+and a stack without a repeated run is all `prefix_blocks`. `unstack_layers` / `stack_layers` convert a state between the layouts
 (e.g. to import a checkpoint into the unscanned layout and stack it).
 
 KV cache (decoding):
@@ -63,10 +67,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.models.attention import Attention, Projection, cache_attention_mask
-from moejax.models.config import ModelConfig
+from moejax.models.config import BlockSpec, ModelConfig
 from moejax.models.mla import MLA
 from moejax.models.norm import RMSNorm
-from moejax.moe import losses
+from moejax.models.registry import block_class, register_block
+from moejax.moe import losses, stats
 from moejax.moe.experts import dense_ffn, dense_init
 from moejax.moe.layer import MoE
 
@@ -74,12 +79,9 @@ from moejax.moe.layer import MoE
 LAYERS_AXIS = "layers"
 # Tells nnx.vmap to prepend that axis to each stacked variable's `logical_axes`.
 _SCAN_METADATA = {nnx.PARTITION_NAME: None, "logical_axes": LAYERS_AXIS}
-# The three MoE losses that enter aux["aux_loss"], with the ModelConfig field of their coefficient.
-_LOSS_COEFS = {
-  "load_balance_loss": "load_balance_coef",
-  "seq_balance_loss": "seq_balance_coef",
-  "router_z_loss": "z_loss_coef",
-}
+# What a block reads out of its MoE layer when asked (`capture`, a static flag): nothing (the
+# training path), the Routing, or the Routing plus the layer's input and output.
+CAPTURES = (None, "routing", "io")
 
 
 class DenseFFN(nnx.Module):
@@ -113,14 +115,18 @@ class DenseFFN(nnx.Module):
 
 
 class Block(nnx.Module):
-  """One pre-norm transformer block; its FFN is `moe` (an MoE layer) or `mlp` (dense)."""
+  """One pre-norm transformer block; its FFN is `moe` (an MoE layer) or `mlp` (dense).
 
-  def __init__(self, config: ModelConfig, *, use_moe: bool, rngs: nnx.Rngs):
+  Registered as block kind "transformer". `spec` (resolved, see `ModelConfig.block_specs`) picks its
+  attention and its FFN; the other widths come from `config`.
+  """
+
+  def __init__(self, config: ModelConfig, spec: BlockSpec, *, rngs: nnx.Rngs):
     c = config
     norm = lambda: RMSNorm(c.d_model, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
     self.attn_norm = norm()
-    if c.attention == "mla":
-      self.attn = MLA(c, rngs=rngs)
+    if spec.attention == "mla":
+      self.attn = MLA(c if c.attention == "mla" else c.replace(attention="mla"), rngs=rngs)
     else:
       self.attn = Attention(
         c.d_model,
@@ -139,8 +145,8 @@ class Block(nnx.Module):
         rngs=rngs,
       )
     self.ffn_norm = norm()
-    self.moe = MoE(c.moe, rngs=rngs) if use_moe else None
-    self.mlp = None if use_moe else DenseFFN(c, rngs=rngs)
+    self.moe = MoE(spec.moe, rngs=rngs) if spec.moe is not None else None
+    self.mlp = None if spec.moe is not None else DenseFFN(c, rngs=rngs)
 
   def __call__(
     self,
@@ -151,11 +157,15 @@ class Block(nnx.Module):
     cache: dict[str, jax.Array] | None = None,
     cache_index: jax.Array | None = None,
     cache_mask: jax.Array | None = None,
+    *,
+    capture: str | None = None,
   ):
     """x [B, S, D] -> (x [B, S, D], the MoE layer's aux or None for a dense block).
 
     With `cache` (this layer's entry; `cache_index`, `cache_mask` as in attention.py) it returns
-    (x, aux, the updated entry).
+    (x, aux, the updated entry). With `capture` ("routing" | "io", static) one more value comes
+    last: None for a dense block, else {"routing": the MoE layer's Routing} plus, for "io",
+    "inputs" (the normed hidden state the MoE layer receives) and "outputs" (its y), [B, S, D].
     """
     with jax.named_scope("attention"):
       h = self.attn_norm(x)
@@ -167,23 +177,58 @@ class Block(nnx.Module):
         )
       x = x + y
     h = self.ffn_norm(x)
+    captured = None
     if self.moe is None:
       with jax.named_scope("mlp"):
         x, aux = x + self.mlp(h), None
     else:
       with jax.named_scope("moe"):
-        y, aux = self.moe(h, token_mask=token_mask)
+        if capture is None:
+          y, aux = self.moe(h, token_mask=token_mask)
+        else:
+          y, aux, routing = self.moe(h, token_mask=token_mask, return_routing=True)
+          captured = {"routing": routing}
+          if capture == "io":
+            captured |= {"inputs": h, "outputs": y}
       x = x + y.astype(x.dtype)
-    return (x, aux) if cache is None else (x, aux, cache)
+    out = (x, aux) if cache is None else (x, aux, cache)
+    return out if capture is None else (*out, captured)
+
+
+register_block("transformer", Block)
 
 
 def layer_layout(config: ModelConfig) -> tuple[int, int, int, int]:
-  """(prefix, period, units, suffix) of the scanned stack: L = prefix + period * units + suffix."""
-  if config.moe is None:
-    return 0, 1, config.num_layers, 0
-  prefix, period = config.first_k_dense, config.moe_every
-  units, suffix = divmod(config.num_layers - prefix, period)
-  return prefix, period, units, suffix
+  """(prefix, period, units, suffix) of the scanned stack: L = prefix + period * units + suffix.
+
+  From the pattern fields (`layers` None): the first_k_dense prefix, periods of moe_every layers,
+  the remainder as suffix (all L layers as periods of one for a dense model). From `layers`: the
+  longest periodic run of identical block specs, at least two periods long (ties: the shorter
+  period, then the earlier start); the layers before and after it are the prefix and suffix. A stack
+  without such a run is all prefix: (L, 1, 0, 0).
+  """
+  if config.layers is None:
+    if config.moe is None:
+      return 0, 1, config.num_layers, 0
+    prefix, period = config.first_k_dense, config.moe_every
+    units, suffix = divmod(config.num_layers - prefix, period)
+    return prefix, period, units, suffix
+  return _periodic_run(config.block_specs)
+
+
+def _periodic_run(specs: tuple[BlockSpec, ...]) -> tuple[int, int, int, int]:
+  n = len(specs)
+  best, covered = (n, 1, 0, 0), 0
+  for period in range(1, n // 2 + 1):
+    for prefix in range(n - 2 * period + 1):
+      unit = specs[prefix : prefix + period]
+      units = 1
+      while specs[prefix + units * period : prefix + (units + 1) * period] == unit:
+        units += 1
+      if units >= 2 and units * period > covered:
+        covered = units * period
+        best = (prefix, period, units, n - prefix - covered)
+  return best
 
 
 class Transformer(nnx.Module):
@@ -202,9 +247,10 @@ class Transformer(nnx.Module):
       rngs=rngs,
     )
     self.embed.embedding.set_metadata(logical_axes=("vocab", "embed"))
+    specs = c.block_specs
+    make = lambda i, r: block_class(specs[i].kind)(c, specs[i], rngs=r)
     if c.scan_layers:
       prefix, period, units, suffix = layer_layout(c)
-      make = lambda i, r: Block(c, use_moe=c.is_moe_layer(i), rngs=r)
       self.prefix_blocks = nnx.List([make(i, rngs) for i in range(prefix)])
 
       @nnx.split_rngs(splits=units)
@@ -216,9 +262,7 @@ class Transformer(nnx.Module):
       first_suffix = prefix + period * units
       self.suffix_blocks = nnx.List([make(first_suffix + r, rngs) for r in range(suffix)])
     else:
-      self.blocks = nnx.List(
-        [Block(c, use_moe=c.is_moe_layer(i), rngs=rngs) for i in range(c.num_layers)]
-      )
+      self.blocks = nnx.List([make(i, rngs) for i in range(c.num_layers)])
     self.final_norm = RMSNorm(d, eps=c.norm_eps, dtype=c.dtype, param_dtype=c.param_dtype)
     if c.tie_embeddings:
       self.lm_head = None
@@ -266,6 +310,7 @@ class Transformer(nnx.Module):
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     cache: dict | None = None,
+    capture: str | None = None,
   ):
     """tokens [B, S] (int) -> (logits [B, S, V] float32, aux), or (logits, aux, cache) with `cache`.
 
@@ -280,7 +325,12 @@ class Transformer(nnx.Module):
     `positions` defaults to index + 0..S-1 (left-padded callers pass positions counting real tokens
     only); `segment_ids` is not supported. The returned cache has index + S.
 
-    aux (L_moe = config.num_moe_layers; rows in layer order, config.moe_layers):
+    `capture` ("routing" | "io"; a static flag, None on the training path) appends one more value:
+    a list, in layer order, of (layer index, {"routing": Routing[, "inputs", "outputs"]}) for each
+    MoE layer (see Block). Read routing through `moejax.analysis.capture_routing`, not this.
+
+    aux (L_moe = config.num_moe_layers; rows in layer order, config.moe_layers; each key is declared
+    in moejax.moe.stats with how it reduces over layers and micro-batches):
       aux_loss           scalar: sum over MoE layers of load_balance_coef * load_balance_loss
                          + seq_balance_coef * seq_balance_loss + z_loss_coef * router_z_loss
       load_balance_loss, seq_balance_loss, router_z_loss
@@ -292,10 +342,14 @@ class Transformer(nnx.Module):
       device_load, native_device_load   [L_moe, devices] token copies each device computes (with
                          and without LLEP; one device outside a mesh; see moe.parallel)
       a2a_bytes          [L_moe] bytes a device sends through all_to_all in the forward pass
+    E is `config.max_num_experts`: when the MoE layers have different numbers of experts, row l of a
+    per-expert array is zero-padded past its `config.moe_num_experts[l]` real experts.
     A model without MoE layers gives zero scalars and arrays of shape [0, E] ([0, 0] for a dense
     model) / [0].
     """
     c = self.config
+    if capture not in CAPTURES:
+      raise ValueError(f"capture={capture!r} is invalid: allowed are None, 'routing', 'io'")
     b, s = tokens.shape
     x = self.embed(tokens)  # [B, S, D] in dtype
     cache_kw, layer_caches = None, None
@@ -309,20 +363,19 @@ class Transformer(nnx.Module):
       if positions is None:
         positions = jnp.broadcast_to(index + jnp.arange(s), (b, s))
       layer_caches = cache["layers"]
-    args = (positions, segment_ids, token_mask)
-    layer_aux = []  # dicts of per-layer MoE aux, each with a leading layer axis
+    run = _Run((positions, segment_ids, token_mask), cache_kw, capture)
     if c.scan_layers:
+      prefix, period, units, _ = layer_layout(c)
       get = lambda key: None if layer_caches is None else layer_caches[key]
-      x, prefix = _run_blocks(self.prefix_blocks, x, args, layer_aux, get("prefix"), cache_kw)
+      x, prefix_caches = run.blocks(self.prefix_blocks, 0, x, get("prefix"))
       scanned = None if layer_caches is None else []
       if self.scanned_blocks is not None:
-        x, aux, scanned = _scan_blocks(self.scanned_blocks, x, args, get("scanned"), cache_kw)
-        if aux is not None:
-          layer_aux.append(aux)  # [U, ...]
-      x, suffix = _run_blocks(self.suffix_blocks, x, args, layer_aux, get("suffix"), cache_kw)
-      new_layers = {"prefix": prefix, "scanned": scanned, "suffix": suffix}
+        x, scanned = run.scan(self.scanned_blocks, prefix, units, x, get("scanned"))
+      first = prefix + period * units
+      x, suffix = run.blocks(self.suffix_blocks, first, x, get("suffix"))
+      new_layers = {"prefix": prefix_caches, "scanned": scanned, "suffix": suffix}
     else:
-      x, new_layers = _run_blocks(self.blocks, x, args, layer_aux, layer_caches, cache_kw)
+      x, new_layers = run.blocks(self.blocks, 0, x, layer_caches)
     h = self.final_norm(x).reshape(-1, c.d_model)  # [B*S, D]: one 2-D matmul
     with jax.named_scope("logits"):
       if self.lm_head is None:
@@ -332,99 +385,139 @@ class Transformer(nnx.Module):
         w = self.lm_head.kernel[...].astype(c.dtype)  # [D, V]
         logits = jnp.einsum("nd,dv->nv", h, w, preferred_element_type=jnp.float32)
       logits = logits.reshape(*tokens.shape, -1)  # [B, S, V]
-    logits, aux = logits.astype(jnp.float32), self._summarise_aux(layer_aux)
-    if cache is None:
-      return logits, aux
-    return logits, aux, {"index": index + s, "valid": valid, "layers": new_layers}
+    logits, aux = logits.astype(jnp.float32), self._summarise_aux(run.layer_aux)
+    out = (logits, aux)
+    if cache is not None:
+      out += ({"index": index + s, "valid": valid, "layers": new_layers},)
+    if capture is not None:
+      out += (sorted(run.captures, key=lambda item: item[0]),)
+    return out
 
-  def _summarise_aux(self, layer_aux: list[dict[str, jax.Array]]) -> dict[str, jax.Array]:
+  def _summarise_aux(self, layer_aux: list[tuple[list[int], dict[str, jax.Array]]]) -> dict:
+    """The model's aux from (layer indices, their MoE aux stacked over a leading axis) groups."""
     c = self.config
     if not layer_aux:
-      e = 0 if c.moe is None else c.moe.num_experts
-      zero = jnp.zeros((), jnp.float32)
-      out = {"aux_loss": zero, **{k: zero for k in _LOSS_COEFS}}
-      out |= {k: jnp.zeros((0, e), jnp.float32) for k in ("expert_counts", "expert_load")}
-      out |= {
-        k: jnp.zeros((0,), jnp.float32)
-        for k in ("dropped_fraction", "router_entropy", "experts_per_token", "a2a_bytes")
-      }
-      out |= {k: jnp.zeros((0, 1), jnp.float32) for k in ("device_load", "native_device_load")}
-      return out
-    stacked = {k: jnp.concatenate([a[k] for a in layer_aux], axis=0) for k in layer_aux[0]}
-    aux_loss = sum(getattr(c, coef) * jnp.sum(stacked[k]) for k, coef in _LOSS_COEFS.items())
-    out = {"aux_loss": aux_loss.astype(jnp.float32)}
-    out |= {k: jnp.mean(stacked.pop(k)) for k in _LOSS_COEFS}
-    return out | stacked
+      return stats.empty(c.max_num_experts)
+    for rows, aux in layer_aux:
+      stats.check_layer_aux(aux, f"the MoE layer of layer {rows[0]}")
+    e_max = c.max_num_experts
+    auxes = [stats.pad_experts(aux, e_max) for _, aux in layer_aux]
+    stacked = {k: jnp.concatenate([a[k] for a in auxes], axis=0) for k in auxes[0]}
+    layers = [i for rows, _ in layer_aux for i in rows]
+    order = sorted(range(len(layers)), key=layers.__getitem__)
+    if order != list(range(len(layers))):  # a period with several MoE layers: interleave its rows
+      stacked = {k: v[jnp.asarray(order)] for k, v in stacked.items()}
+    coefs = {f: getattr(c, f) for f in stats.LOSS_COEFS.values()}
+    return stats.summarise(stacked, coefs)
 
   def update_aux_free_bias(self, expert_counts: jax.Array) -> None:
-    """One aux-loss-free bias step for every MoE layer from aux["expert_counts"] [L_moe, E].
+    """One aux-loss-free bias step for every MoE layer from aux["expert_counts"] [L_moe, E_max].
 
-    No-op when the MoE layers have no bias (`MoEConfig.aux_free_bias` False) or there are none.
+    Each layer reads its row's first E_l columns (its real experts; see `ModelConfig.moe_num_experts`).
+    No-op for the MoE layers without a bias (`MoEConfig.aux_free_bias` False) and without MoE layers.
     """
     c = self.config
-    if c.moe is None or not c.moe.aux_free_bias or not c.num_moe_layers:
+    if not c.num_moe_layers or not any(c.layer_moe(i).aux_free_bias for i in c.moe_layers):
       return
-    rows = iter(range(c.num_moe_layers))
-    if not c.scan_layers:
-      for block in self.blocks:
+    row = {layer: r for r, layer in enumerate(c.moe_layers)}
+    e_max = c.max_num_experts
+    real = lambda counts, e: counts if e == e_max else counts[..., :e]
+
+    def update_list(blocks, first):
+      for i, block in enumerate(blocks):
         if block.moe is not None:
-          block.moe.update_aux_free_bias(expert_counts[next(rows)])
+          block.moe.update_aux_free_bias(
+            real(expert_counts[row[first + i]], block.moe.config.num_experts)
+          )
+
+    if not c.scan_layers:
+      update_list(self.blocks, 0)
       return
-    # The prefix is dense by construction; scanned MoE layers update as one stacked [U, E] array.
-    if self.scanned_blocks is not None and self.scanned_blocks[0].moe is not None:
-      bias = self.scanned_blocks[0].moe.router.aux_free_bias
-      units = bias[...].shape[0]
-      bias[...] = losses.update_aux_free_bias(
-        bias[...], expert_counts[:units], c.moe.aux_free_bias_rate
-      )
-      rows = iter(range(units, c.num_moe_layers))
-    for block in self.suffix_blocks:
-      if block.moe is not None:
-        block.moe.update_aux_free_bias(expert_counts[next(rows)])
+    prefix, period, units, _ = layer_layout(c)
+    update_list(self.prefix_blocks, 0)
+    if self.scanned_blocks is not None:
+      for j, block in enumerate(self.scanned_blocks):
+        if block.moe is None or block.moe.router.aux_free_bias is None:
+          continue
+        # The period's layer j over all U periods: rows r0, r0 + step, ... (step = MoE layers per
+        # period), updated as one stacked [U, E] array.
+        r0 = row[prefix + j]
+        step = row[prefix + period + j] - r0 if units > 1 else 1
+        counts = real(expert_counts[r0 : r0 + step * units : step], block.moe.config.num_experts)
+        bias = block.moe.router.aux_free_bias
+        bias[...] = losses.update_aux_free_bias(
+          bias[...], counts, block.moe.config.aux_free_bias_rate
+        )
+    update_list(self.suffix_blocks, prefix + period * units)
 
 
-def _run_blocks(blocks, x, args, layer_aux, caches=None, cache_kw=None):
-  """Apply a list of blocks in order, appending each MoE layer's aux (with a leading axis of 1).
+class _Run:
+  """One forward pass through the blocks: the static arguments, and what the blocks hand back
+  (their MoE aux in groups of layers, and captures)."""
 
-  Returns x and the blocks' updated cache entries (None without `caches`).
-  """
-  new_caches = None if caches is None else []
-  for i, block in enumerate(blocks):
-    if caches is None:
-      x, aux = block(x, *args)
-    else:
-      x, aux, entry = block(x, *args, caches[i], **cache_kw)
-      new_caches.append(entry)
-    if aux is not None:
-      layer_aux.append(jax.tree.map(lambda a: a[None], aux))
-  return x, new_caches
+  def __init__(self, args, cache_kw, capture):
+    self.args, self.cache_kw, self.capture = args, cache_kw, capture
+    self.layer_aux = []  # (layer indices, MoE aux with a leading axis over those layers)
+    self.captures = []  # (layer index, capture dict)
 
+  def blocks(self, blocks, first, x, caches=None):
+    """Apply a list of blocks (layers first, first + 1, ...) in order.
 
-def _scan_blocks(units: nnx.List, x, args, caches=None, cache_kw=None):
-  """Run the stacked periods with `nnx.scan`.
-
-  Returns x, the periods' MoE aux stacked [U, ...] (None for a dense model), and the updated cache
-  entries (a list over period positions j of entries stacked [U, ...]; None without `caches`): the
-  cache is a scanned input and output, so each period reads and writes its own slice.
-  """
-
-  # graph_updates=False: the graph-update mode refuses variables created at an outer trace level
-  # ("Cannot extract graph node from different trace level"), which is what a functional train step
-  # -- jax.jit(jax.grad(loss)) merging non-differentiated state inside -- hands it. This mode ignores
-  # transform_metadata: inside the body, logical_axes still start with "layers".
-  @nnx.scan(in_axes=(nnx.Carry, 0, None, 0, None), out_axes=(nnx.Carry, 0, 0), graph_updates=False)
-  def body(x, unit, args, unit_caches, cache_kw):
-    moe_aux, new_caches = None, None if unit_caches is None else []
-    for j, block in enumerate(unit):
-      if unit_caches is None:
-        x, aux = block(x, *args)
+    Returns x and the blocks' updated cache entries (None without `caches`).
+    """
+    new_caches = None if caches is None else []
+    kw = {} if self.capture is None else {"capture": self.capture}
+    for i, block in enumerate(blocks):
+      if caches is None:
+        x, aux, *captured = block(x, *self.args, **kw)
       else:
-        x, aux, entry = block(x, *args, unit_caches[j], **cache_kw)
+        x, aux, entry, *captured = block(x, *self.args, caches[i], **self.cache_kw, **kw)
         new_caches.append(entry)
-      moe_aux = aux if aux is not None else moe_aux  # at most one MoE block per period
-    return x, moe_aux, new_caches
+      if aux is not None:
+        self.layer_aux.append(([first + i], jax.tree.map(lambda a: a[None], aux)))
+      if captured and captured[0] is not None:
+        self.captures.append((first + i, captured[0]))
+    return x, new_caches
 
-  return body(x, units, args, caches, cache_kw)
+  def scan(self, units: nnx.List, first, num_units, x, caches=None):
+    """Run the stacked periods (layers first + u * period + j) with `nnx.scan`.
+
+    Returns x and the updated cache entries (a list over period positions j of entries stacked
+    [U, ...]; None without `caches`): the cache is a scanned input and output, so each period reads
+    and writes its own slice. The MoE aux of period position j comes out stacked [U, ...].
+    """
+    capture = self.capture
+
+    # graph_updates=False: the graph-update mode refuses variables created at an outer trace level
+    # ("Cannot extract graph node from different trace level"), which is what a functional train
+    # step -- jax.jit(jax.grad(loss)) merging non-differentiated state inside -- hands it. This mode
+    # ignores transform_metadata: inside the body, logical_axes still start with "layers".
+    @nnx.scan(
+      in_axes=(nnx.Carry, 0, None, 0, None), out_axes=(nnx.Carry, 0, 0, 0), graph_updates=False
+    )
+    def body(x, unit, args, unit_caches, cache_kw):
+      moe_aux, captures, new_caches = [], [], None if unit_caches is None else []
+      kw = {} if capture is None else {"capture": capture}
+      for j, block in enumerate(unit):
+        if unit_caches is None:
+          x, aux, *captured = block(x, *args, **kw)
+        else:
+          x, aux, entry, *captured = block(x, *args, unit_caches[j], **cache_kw, **kw)
+          new_caches.append(entry)
+        moe_aux.append(aux)
+        captures.append(captured[0] if captured else None)
+      return x, moe_aux, new_caches, captures
+
+    x, moe_aux, new_caches, captures = body(x, units, self.args, caches, self.cache_kw)
+    period = len(units)
+    for j in range(period):
+      layers = [first + u * period + j for u in range(num_units)]
+      if moe_aux[j] is not None:
+        self.layer_aux.append((layers, moe_aux[j]))
+      if captures[j] is not None:
+        for u, layer in enumerate(layers):
+          self.captures.append((layer, jax.tree.map(lambda a, u=u: a[u], captures[j])))
+    return x, new_caches
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -223,6 +223,10 @@ def base_config() -> ml_collections.ConfigDict:
       moe_every=1,
       # The first k layers are dense (DeepSeek's first_k_dense_replace).
       first_k_dense=0,
+      # One block spec per layer, e.g. ({"moe": {"num_experts": 8}}, {"moe": None}, ...): each
+      # layer's moe dict overrides the moe block below, None = a dense layer (None: the pattern
+      # fields above say which layers are MoE; see moejax.models.config).
+      layers=config_dict.placeholder(tuple),
       # Scan over (groups of) layers: faster compiles for deep models.
       scan_layers=True,
       # Activation and parameter dtypes: float32 | bfloat16 (logits and losses stay float32).
