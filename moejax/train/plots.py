@@ -53,6 +53,18 @@ def load_heatmap_data(records: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np
   return steps, load / np.where(total > 0, total, 1.0)
 
 
+def layer_num_experts(records: Sequence[dict[str, Any]], num_layers: int, width: int) -> np.ndarray:
+  """[L] experts of each MoE layer: the run's `moe_num_experts` record (written at step 0 by a model
+  whose MoE layers have different E; their `expert_load` rows are zero-padded to the widest), else
+  `width` for every layer."""
+  for r in records:
+    if r.get("moe_num_experts") is not None:
+      experts = np.asarray(r["moe_num_experts"], np.int64)
+      if experts.shape == (num_layers,) and experts.max() <= width:
+        return experts
+  return np.full((num_layers,), width, np.int64)
+
+
 def _cell_edges(x: np.ndarray) -> np.ndarray:
   """[N] centres -> [N + 1] edges halfway between them, so uneven step intervals draw correctly."""
   if len(x) == 1:
@@ -88,6 +100,7 @@ def _plot_expert_load(records: Sequence[dict[str, Any]], path: Path) -> bool:
   stride = -(-len(steps) // MAX_HEATMAP_COLUMNS)
   steps, load = steps[::stride], load[::stride]
   num_layers, num_experts = load.shape[1:]
+  experts = layer_num_experts(records, num_layers, num_experts)  # [L]
   layers = np.unique(np.linspace(0, num_layers - 1, min(num_layers, MAX_HEATMAP_LAYERS)).round())
   layers = layers.astype(int)
   layer_height = min(0.6 + 0.03 * num_experts, 1.6)  # inches
@@ -97,10 +110,15 @@ def _plot_expert_load(records: Sequence[dict[str, Any]], path: Path) -> bool:
   y_edges = np.arange(num_experts + 1) - 0.5
   vmax = float(load[:, layers].max())
   for ax, layer in zip(axes, layers, strict=True):
-    mesh = ax.pcolormesh(x_edges, y_edges, load[:, layer].T, vmin=0.0, vmax=vmax, cmap="viridis")
-    ax.set_ylabel(f"MoE layer {layer}\nexpert")
+    e = int(experts[layer])  # the layer's real experts; the padded rows past them are not drawn
+    mesh = ax.pcolormesh(
+      x_edges, y_edges[: e + 1], load[:, layer, :e].T, vmin=0.0, vmax=vmax, cmap="viridis"
+    )
+    ax.set_ylim(-0.5, e - 0.5)
+    ax.set_ylabel(f"MoE layer {layer}\nexpert" + (f" (E={e})" if e != num_experts else ""))
   axes[-1].set_xlabel("step")
-  fig.colorbar(mesh, ax=list(axes), label=f"fraction of tokens (uniform = 1/{num_experts})")
+  uniform = "/".join(f"1/{e}" for e in sorted({int(experts[i]) for i in layers}, reverse=True))
+  fig.colorbar(mesh, ax=list(axes), label=f"fraction of tokens (uniform = {uniform})")
   title = "Expert load per MoE layer"
   if len(layers) < num_layers:
     title += f" ({len(layers)} of {num_layers} layers shown, evenly spaced)"

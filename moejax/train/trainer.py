@@ -14,7 +14,8 @@ into M consecutive micro-batches; one jitted call computes each micro-batch's gr
 sums them, token-weighted, and applies the optimizer. The LM loss and its gradient are the whole
 batch's exactly; the MoE auxiliary losses are each micro-batch's, weighted by its tokens (as in
 Megatron-Core: the load-balance statistics are per micro-batch). Expert counts, the aux-loss-free
-bias update and the load metrics are the whole batch's. Each micro-batch draws its own router noise
+bias update and the load metrics are the whole batch's (each aux key merges as `moejax.moe.stats`
+declares it). Each micro-batch draws its own router noise
 (its index folded into every RNG key). On one CPU device the micro-batches run concurrently on host
 threads: XLA:CPU runs one program's chain of small ops on one core at a time, and two programs
 fill both (the Mixtral tiny step on 2 cores: ~230 -> ~207 ms with M = 2). While they run, the
@@ -43,14 +44,12 @@ from moejax import sharding
 from moejax.data import DataConfig, build_datasets
 from moejax.kernels import host_threads, limit_host_threads
 from moejax.models import ModelConfig, Transformer, lm_loss
+from moejax.moe import stats
 from moejax.train import plots
 from moejax.train.checkpoint import Checkpointer
 from moejax.train.metrics import MetricsWriter
 from moejax.train.optimizer import make_optimizer
 from moejax.train.run_info import write_run_info
-
-# aux entries reported per step (scalars averaged over MoE layers by the model).
-_AUX_SCALARS = ("aux_loss", "load_balance_loss", "seq_balance_loss", "router_z_loss")
 
 
 def rules_from_config(config: ml_collections.ConfigDict) -> dict:
@@ -82,10 +81,6 @@ def build_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> Mo
       f"config.model.vocab_size={model.vocab_size} is smaller than the tokenizer's {vocab_size}"
     )
   return ModelConfig.from_config(model)
-
-
-# aux entries summed over micro-batches (the rest are token-weighted means).
-_AUX_SUMS = ("expert_counts", "device_load", "native_device_load", "a2a_bytes")
 
 
 def _microbatches(train: ml_collections.ConfigDict, processes: int, mesh) -> int:
@@ -258,13 +253,11 @@ class Trainer:
     total = sum(weights)
     share = [w / jnp.maximum(total, 1.0) for w in weights]
     mean = lambda *xs: sum(p * x for p, x in zip(share, xs, strict=True))
-    add = lambda *xs: sum(xs)
     grads = jax.tree.map(mean, *[m[0] for m in micro])
     loss = mean(*[m[1] for m in micro])
-    auxes = [m[3] for m in micro]
-    aux = {k: (add if k in _AUX_SUMS else mean)(*[a[k] for a in auxes]) for k in auxes[0]}
-    counts = aux["expert_counts"]
-    aux["expert_load"] = counts / jnp.maximum(jnp.sum(counts, axis=-1, keepdims=True), 1.0)
+    # Each aux key merges as moejax.moe.stats declares it (token-weighted mean, sum, or recomputed
+    # from the merged expert counts); an undeclared key fails here.
+    aux = stats.merge_microbatches([m[3] for m in micro], share)
     return self._update(params, rest, opt_state, grads, loss, total, aux)
 
   def _update(self, params, rest, opt_state, grads, loss, num_tokens, aux):
@@ -276,7 +269,7 @@ class Trainer:
     model = nnx.merge(graphdef, params, rest)
     model.update_aux_free_bias(aux["expert_counts"])
     rest = nnx.state(model, nnx.Not(nnx.Param))
-    counts = aux["expert_counts"]  # [L_moe, E]
+    counts = aux["expert_counts"]  # [L_moe, E_max]; row l zero-padded past its E_l experts
     load = aux.get("device_load", jnp.zeros((0, 1)))  # [L_moe, devices]
     metrics = {
       "loss": loss,
@@ -284,13 +277,13 @@ class Trainer:
       "num_tokens": num_tokens,
       "dropped_fraction": jnp.mean(aux["dropped_fraction"]) if counts.shape[0] else 0.0,
       "expert_load": aux["expert_load"],
-      "load_imbalance": jnp.max(counts, axis=-1) / jnp.maximum(jnp.mean(counts, axis=-1), 1e-9),
+      "load_imbalance": stats.load_imbalance(counts, self.model_config.moe_num_experts),
       # Expert parallelism: token copies each device computes, max/mean of that, and the bytes a
       # device sends through all_to_all in the forward and backward passes of all MoE layers.
       "device_load": load,
       "device_imbalance": jnp.max(load, axis=-1) / jnp.maximum(jnp.mean(load, axis=-1), 1e-9),
       "a2a_bytes": 2.0 * jnp.sum(aux.get("a2a_bytes", jnp.zeros((0,)))),
-      **{k: aux[k] for k in _AUX_SCALARS if k in aux},
+      **{k: aux[k] for k in stats.SCALARS if k in aux},
     }
     return params, rest, opt_state, metrics
 
@@ -387,7 +380,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   ) as writer:
     if start_step == 0:
       eval_loss = trainer.evaluate(params, rest, val_batches)
-      writer.write(0, {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss))})
+      first = {"eval_loss": eval_loss, "eval_perplexity": float(np.exp(eval_loss))}
+      if len(set(model_config.moe_num_experts)) > 1:
+        # Rows of expert_load are zero-padded past each layer's experts: the plots read E_l here.
+        first["moe_num_experts"] = list(model_config.moe_num_experts)
+      writer.write(0, first)
     tick, tokens = time.perf_counter(), 0
     for step in range(start_step + 1, t.steps + 1):
       batch = next(train_iter)

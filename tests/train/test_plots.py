@@ -69,3 +69,21 @@ def test_load_heatmap_data_dense_and_mismatched():
   records = [{"step": 1, "expert_load": [[1.0, 0.0]]}, {"step": 2, "expert_load": [[1.0, 0, 0]]}]
   with pytest.raises(ValueError, match="changes shape"):
     load_heatmap_data(records)
+
+
+def test_plot_run_per_layer_experts(tmp_path):
+  # MoE layers of 8, 6 and 4 experts: expert_load rows zero-padded to 8, the E_l logged at step 0.
+  experts = [8, 6, 4]
+  with MetricsWriter(tmp_path, total_steps=3, progress_bar=False, tensorboard=False) as w:
+    w.write(0, {"eval_loss": 6.0, "moe_num_experts": experts})
+    for step in range(1, 4):
+      load = np.zeros((3, 8))
+      for row, e in enumerate(experts):
+        load[row, :e] = 1.0 / e
+      w.write(step, {"loss": 5.0 / step, "expert_load": load})
+  records = read_metrics(tmp_path)
+  np.testing.assert_array_equal(plots.layer_num_experts(records, 3, 8), experts)
+  # Without the record every row counts as the full width.
+  np.testing.assert_array_equal(plots.layer_num_experts(records[1:], 3, 8), [8, 8, 8])
+  (_, path) = plot_run(tmp_path)
+  _assert_png(path)
