@@ -6,6 +6,7 @@ Each op lives in its own folder with a public `ops.py`, one file per backend and
 
 from moejax.kernels.grouped_matmul import (
   BACKENDS,
+  check_options,
   gmm,
   gmm_multi,
   host_threads,
@@ -15,6 +16,7 @@ from moejax.kernels.grouped_matmul import (
 )
 
 __all__ = [
+  "check_options",
   "BACKENDS",
   "gmm",
   "gmm_multi",

@@ -210,6 +210,15 @@ def _backend(fn: str, backend: str, options) -> tuple[str, Backend, Options]:
   return backend, kernels, tuple(sorted(pairs))
 
 
+def check_options(backend: str, options, where: str = "gmm") -> Options:
+  """`options` for `backend` as sorted (name, value) pairs; ValueError naming `where` otherwise.
+
+  For configs that hold a backend and its options (`MoEConfig.gmm_options`), to fail at
+  construction rather than at the first trace.
+  """
+  return _backend(where, backend, options)[2]
+
+
 # ------------------------------------------------------------------------------------------------
 # Custom VJPs for backends whose kernels are not differentiable by autodiff.
 #

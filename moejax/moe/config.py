@@ -13,16 +13,11 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from moejax.kernels import BACKENDS
+from moejax.kernels import BACKENDS, check_options
+from moejax.moe.activations import ACTIVATIONS, GATED
+from moejax.moe.router import POST_ROUTING, ROUTER_LOGITS, ROUTERS
 
-ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid", "expert_choice", "top_p")
-DISPATCHES = ("dropless", "capacity")
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "relu")
 GMM_BACKENDS = BACKENDS  # the grouped-matmul backends, "auto" first
-EP_TRANSPORTS = ("auto", "padded", "ragged")
-# Routers that pick a fixed number of experts per token by score, so an aux-loss-free bias can
-# steer their selection.
-TOPK_ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid")
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -46,8 +41,13 @@ class MoEConfig:
   top_k: int
   # Hidden width F of each routed expert. Fine-grained experts are simply more, narrower experts.
   expert_hidden_dim: int
-  # Router: one of ROUTERS.
+  # Router selection rule, a name registered with `moejax.moe.register_router`: softmax_topk,
+  # topk_softmax, sigmoid, expert_choice, top_p, or one of your own.
   router: str = "softmax_topk"
+  # How router logits are computed from the layer input (`register_router_logits`): linear = x @ W.
+  router_logits: str = "linear"
+  # Post-routing transforms applied after the padding mask, in order (`register_post_routing`).
+  post_routing: tuple[str, ...] = ()
   # Renormalise the selected experts' weights to sum to one (Mixtral, DeepSeek-V3: yes; Qwen2-MoE,
   # OLMoE, Switch: no).
   norm_topk_prob: bool = True
@@ -63,9 +63,13 @@ class MoEConfig:
   # Capacity per expert C = ceil(T * K / E * capacity_factor), used by `capacity` dispatch and by the
   # `expert_choice` router.
   capacity_factor: float = 1.0
-  # Dispatch strategy: one of DISPATCHES.
+  # Dispatch strategy: dropless (sort + grouped matmul, nothing dropped) | capacity (C slots per
+  # expert, overflow rides the residual).
   dispatch: str = "dropless"
-  # Expert FFN activation: one of ACTIVATIONS (`swiglu`/`geglu` are gated and have `w_gate`).
+  # Routed expert kind, a name registered with `moejax.moe.register_expert_kind`: glu (gated FFN),
+  # mlp (plain FFN), or auto = glu for gated activations, mlp otherwise.
+  expert_kind: str = "auto"
+  # Expert FFN activation: swiglu | geglu (gated: the experts have `w_gate`) | gelu | relu.
   activation: str = "swiglu"
   # Shared experts that every token passes through (DeepSeekMoE, Qwen2-MoE); 0 = none.
   num_shared_experts: int = 0
@@ -83,8 +87,12 @@ class MoEConfig:
   aux_free_bias: bool = False
   # Step size gamma of the aux-loss-free bias update (DeepSeek-V3: 0.001).
   aux_free_bias_rate: float = 0.001
-  # Grouped-matmul backend for dropless dispatch (see moejax.kernels.gmm).
+  # Grouped-matmul backend for dropless dispatch (see moejax.kernels.gmm): auto (blas when compiled
+  # for CPU, xla's ragged_dot for GPU/TPU) | xla | blas | reference.
   gmm_backend: str = "auto"
+  # Options of that backend, as (name, value) pairs (a dict is accepted), e.g. (("threads", 1),)
+  # for blas; each backend lists its names in moejax.kernels.grouped_matmul.ops.
+  gmm_options: tuple[tuple[str, Any], ...] = ()
   # Expert parallelism (moejax.moe.parallel), used when the layer runs under a mesh: the all_to_all
   # transport (auto: ragged on TPU/GPU, padded on CPU) ...
   ep_transport: str = "auto"
@@ -109,14 +117,39 @@ class MoEConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         _fail(name, value, "must be a positive integer")
+    # Registries are read here, at construction, so entries registered after import count.
+    from moejax.moe.dispatch import DISPATCHES
+    from moejax.moe.ep_transport import EP_TRANSPORTS
+    from moejax.moe.experts import EXPERT_KINDS
+
     if self.router not in ROUTERS:
       _fail("router", self.router, f"known routers are {', '.join(ROUTERS)}")
+    if self.router_logits not in ROUTER_LOGITS:
+      _fail("router_logits", self.router_logits, f"known are {', '.join(ROUTER_LOGITS)}")
+    post = self.post_routing
+    if isinstance(post, str) or not all(isinstance(p, str) for p in post):
+      _fail("post_routing", post, "must be a tuple of transform names")
+    object.__setattr__(self, "post_routing", tuple(post))
+    for name in self.post_routing:
+      if name not in POST_ROUTING or name == "padding_mask":
+        known = ", ".join(p for p in POST_ROUTING if p != "padding_mask") or "none registered"
+        _fail("post_routing", post, f"{name!r} is not a registered transform (known: {known})")
     if self.dispatch not in DISPATCHES:
       _fail("dispatch", self.dispatch, f"known dispatch strategies are {', '.join(DISPATCHES)}")
     if self.activation not in ACTIVATIONS:
       _fail("activation", self.activation, f"known activations are {', '.join(ACTIVATIONS)}")
+    if self.expert_kind != "auto" and self.expert_kind not in EXPERT_KINDS:
+      _fail("expert_kind", self.expert_kind, f"known kinds are auto, {', '.join(EXPERT_KINDS)}")
     if self.gmm_backend not in GMM_BACKENDS:
       _fail("gmm_backend", self.gmm_backend, f"known backends are {', '.join(GMM_BACKENDS)}")
+    options = self.gmm_options
+    if isinstance(options, (list, tuple)):  # a JSON round trip gives lists of lists
+      options = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in options)
+    try:
+      options = check_options(self.gmm_backend, options, "MoEConfig.gmm_options")
+    except ValueError as e:
+      _fail("gmm_options", self.gmm_options, str(e))
+    object.__setattr__(self, "gmm_options", options)
     if self.ep_transport not in EP_TRANSPORTS:
       _fail("ep_transport", self.ep_transport, f"known transports are {', '.join(EP_TRANSPORTS)}")
     if self.llep_alpha is not None and not (
@@ -131,12 +164,15 @@ class MoEConfig:
       _fail("top_p", self.top_p, "must lie in (0, 1]")
     if self.num_experts % self.num_groups:
       _fail("num_groups", self.num_groups, f"must divide num_experts={self.num_experts}")
+    router = ROUTERS[self.router]
     if self.num_groups > 1:
-      if self.router not in ("sigmoid", "softmax_topk"):
+      if not router.grouped:
+        grouped = " or ".join(f"router={n!r}" for n, r in ROUTERS.items() if r.grouped)
         _fail(
           "num_groups",
           self.num_groups,
-          "group-limited routing needs router='sigmoid' (DeepSeek-V3) or 'softmax_topk' (DeepSeek-V2)",
+          f"group-limited routing needs {grouped} (softmax_topk: DeepSeek-V2's group-limited "
+          "greedy, sigmoid: DeepSeek-V3)",
         )
       if self.topk_groups > self.num_groups:
         _fail("topk_groups", self.topk_groups, f"must be <= num_groups={self.num_groups}")
@@ -158,15 +194,28 @@ class MoEConfig:
       _fail("jitter_noise", self.jitter_noise, "must lie in [0, 1)")
     if self.routed_scaling_factor <= 0:
       _fail("routed_scaling_factor", self.routed_scaling_factor, "must be > 0")
-    if self.aux_free_bias and self.router not in TOPK_ROUTERS:
-      _fail("aux_free_bias", True, f"is only defined for routers {', '.join(TOPK_ROUTERS)}")
+    if self.aux_free_bias and not router.biasable:
+      biasable = ", ".join(n for n, r in ROUTERS.items() if r.biasable)
+      _fail("aux_free_bias", True, f"is only defined for routers {biasable}")
     if self.aux_free_bias_rate < 0:
       _fail("aux_free_bias_rate", self.aux_free_bias_rate, "must be >= 0")
+    if router.validate is not None:
+      router.validate(self)
+    kind = EXPERT_KINDS[self.resolved_expert_kind]
+    if kind.validate is not None:
+      kind.validate(self)
 
   @property
   def gated(self) -> bool:
-    """Whether the expert FFN has a gate projection (`w_gate`)."""
-    return self.activation in ("swiglu", "geglu")
+    """Whether the activation is gated (an FFN with a gate projection `w_gate`)."""
+    return self.activation in GATED
+
+  @property
+  def resolved_expert_kind(self) -> str:
+    """`expert_kind`, with `auto` read as `glu` for gated activations and `mlp` otherwise."""
+    if self.expert_kind != "auto":
+      return self.expert_kind
+    return "glu" if self.gated else "mlp"
 
   @property
   def shared_hidden_dim(self) -> int:

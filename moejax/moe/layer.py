@@ -18,10 +18,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.moe import dispatch, losses, parallel
+from moejax.moe import losses, parallel
 from moejax.moe.config import MoEConfig
-from moejax.moe.experts import Experts, SharedExperts, dense_init
-from moejax.moe.router import Routing, route
+from moejax.moe.dispatch import DISPATCHES
+from moejax.moe.experts import Experts, SharedExperts, make_param
+from moejax.moe.router import ROUTER_LOGITS, Routing, post_route, route
 
 
 class AuxFreeBias(nnx.Variable):
@@ -30,25 +31,21 @@ class AuxFreeBias(nnx.Variable):
 
 
 class Router(nnx.Module):
-  """Router logits in float32 and the configured routing rule.
+  """Router logits in float32 (`MoEConfig.router_logits`) and the selection rule (`router`).
 
-  Jitter noise (x * U(1 - eps, 1 + eps) on the router input) applies only when `deterministic` is
-  False, i.e. after `model.train()`; `model.eval()` turns it off.
+  The logits function's parameters are `router.<name>` (the linear router: `kernel` [D, E] and, with
+  `router_bias`, `bias` [E]). Jitter noise (x * U(1 - eps, 1 + eps) on the router input) applies
+  only when `deterministic` is False, i.e. after `model.train()`; `model.eval()` turns it off.
   """
 
   def __init__(self, config: MoEConfig, *, rngs: nnx.Rngs):
     self.config = config
-    d, e = config.d_model, config.num_experts
-    self.kernel = nnx.Param(
-      dense_init(rngs.params(), (d, e), config.param_dtype), logical_axes=("embed", None)
-    )
-    self.bias = (
-      nnx.Param(jnp.zeros((e,), config.param_dtype), logical_axes=(None,))
-      if config.router_bias
-      else None
-    )
+    specs = ROUTER_LOGITS[config.router_logits].params(config)
+    self.names = tuple(specs)
+    for name, spec in specs.items():
+      setattr(self, name, make_param(spec, rngs, config.param_dtype))
     self.aux_free_bias = (
-      AuxFreeBias(jnp.zeros((e,), jnp.float32), logical_axes=(None,))
+      AuxFreeBias(jnp.zeros((config.num_experts,), jnp.float32), logical_axes=(None,))
       if config.aux_free_bias
       else None
     )
@@ -61,13 +58,11 @@ class Router(nnx.Module):
     eps = self.config.jitter_noise
     if eps > 0 and not self.deterministic:
       x = x * jax.random.uniform(self.rngs(), x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)
-    logits = x @ self.kernel[...].astype(jnp.float32)  # [T, E]
-    if self.bias is not None:
-      logits = logits + self.bias[...].astype(jnp.float32)
-    return logits
+    params = {name: getattr(self, name)[...] for name in self.names}
+    return ROUTER_LOGITS[self.config.router_logits].apply(params, x, self.config)
 
   def __call__(self, x: jax.Array) -> Routing:
-    """x [T, D] -> Routing."""
+    """x [T, D] -> Routing (before the post-routing transforms)."""
     bias = None if self.aux_free_bias is None else self.aux_free_bias[...]
     return route(self.logits(x), self.config, bias=bias)
 
@@ -82,9 +77,9 @@ class MoE(nnx.Module):
     self.shared_experts = SharedExperts(config, rngs=rngs) if config.num_shared_experts else None
 
   def __call__(
-    self, x: jax.Array, *, token_mask: jax.Array | None = None
-  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """x [B, S, D] -> (y [B, S, D], aux).
+    self, x: jax.Array, *, token_mask: jax.Array | None = None, return_routing: bool = False
+  ):
+    """x [B, S, D] -> (y [B, S, D], aux), or (y, aux, routing) with `return_routing`.
 
     1. route:    router logits [T, E] (float32) -> Routing (ids, weights [T, K])
     2. dispatch: token copies grouped by expert (dropless sort, or capacity slots)
@@ -92,7 +87,9 @@ class MoE(nnx.Module):
     4. combine:  weighted sum of each token's expert outputs, plus the shared experts
 
     `token_mask` [B, S] (optional, 1 = real token) keeps padding out of dispatch (token-choice
-    routers: padding gets no expert output, uses no capacity), the losses and the loads.
+    routers: padding gets no expert output, uses no capacity), the losses and the loads. The
+    routing returned with `return_routing` is the one dispatched: after the post-routing
+    transforms (padding mask, `MoEConfig.post_routing`), over the T = B * S tokens.
     `aux` holds scalars `load_balance_loss`, `seq_balance_loss`, `router_z_loss`,
     `dropped_fraction`, `router_entropy`, `experts_per_token`, and per-expert vectors
     `expert_counts` [E] (assignments, the input of the aux-free bias update) and `expert_load` [E]
@@ -105,27 +102,31 @@ class MoE(nnx.Module):
     tmask = None if token_mask is None else token_mask.reshape(b * s)
 
     with jax.named_scope("route"):
-      routing = self.router(xt)
-      if tmask is not None and routing.capacity is None:
-        # Padding is never dispatched: it takes no capacity slot and no expert compute. (Expert
-        # choice still lets experts pick padding; mask its inputs out upstream if that matters.)
-        real = routing.mask & (tmask[:, None] > 0)  # [T, K]
-        routing = routing._replace(mask=real, weights=jnp.where(real, routing.weights, 0.0))
-    # The (token, slot) pairs of real tokens: what the losses, loads and dropped fraction count.
+      routing = post_route(self.router(xt), c, tmask)
+    # The used choices of real tokens: what the losses, loads and dropped fraction count.
     slots = routing.mask if tmask is None else routing.mask & (tmask[:, None] > 0)  # [T, K]
+    dispatch = DISPATCHES[c.dispatch]
     cap = routing.capacity
-    if c.dispatch == "capacity" and cap is None:
+    if dispatch.capacity and cap is None:
       cap = c.capacity(b * s)
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty and mesh.size > 1:
-      # Under a mesh (`jax.set_mesh`): expert parallelism, tokens and experts split over devices.
-      y, stats = parallel.expert_parallel(
-        xt, routing, self.experts.weights(), c, mesh, capacity=cap, token_mask=tmask
+      # Under a mesh (`jax.set_mesh`): tokens split over devices; experts too when the layout has
+      # an expert axis larger than one (expert parallelism).
+      y, stats = parallel.sharded_moe(
+        xt,
+        routing,
+        self.experts.params(),
+        self.experts.axes(),
+        c,
+        mesh,
+        capacity=cap,
+        token_mask=tmask,
       )
-    elif c.dispatch == "dropless":
-      y, stats = dispatch.dropless(xt, routing, self.experts.grouped)
     else:
-      y, stats = dispatch.capacity(xt, routing, self.experts.batched, cap, tmask)
+      y, stats = dispatch.run(
+        xt, routing, self.experts, capacity=cap, token_mask=tmask, before=None
+      )
     if "device_load" not in stats:  # one device computes every copy and moves nothing
       computed = jnp.round(jnp.sum(slots) * (1.0 - stats["dropped_fraction"]))
       stats |= {
@@ -149,6 +150,8 @@ class MoE(nnx.Module):
       "expert_load": counts / jnp.maximum(jnp.sum(counts), 1.0),
       **stats,
     }
+    if return_routing:
+      return y.reshape(b, s, d), aux, routing
     return y.reshape(b, s, d), aux
 
   def update_aux_free_bias(self, counts: jax.Array) -> None:

@@ -27,14 +27,22 @@ All math is float32 whatever the activation dtype. Implemented routers:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 
-class Routing(NamedTuple):
-  """The output of every router. See the module docstring for the fields' meaning."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Routing:
+  """The output of every router. See the module docstring for the fields' meaning.
+
+  A pytree: the arrays are its leaves and `capacity` is static metadata, so a `Routing` passes
+  through `jax.jit`, `nnx.scan` and `jax.shard_map` whatever the router (expert choice included).
+  """
 
   expert_ids: jax.Array  # [T, K] int32
   weights: jax.Array  # [T, K] float32
@@ -42,11 +50,16 @@ class Routing(NamedTuple):
   probs: jax.Array  # [T, E] float32
   logits: jax.Array  # [T, E] float32
   # Expert choice fixes each expert's capacity C itself; None for token-choice routers.
-  capacity: int | None = None
+  capacity: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
   @property
   def num_experts(self) -> int:
     return self.probs.shape[-1]
+
+  def replace(self, **changes) -> Routing:
+    return dataclasses.replace(self, **changes)
+
+  _replace = replace  # the NamedTuple spelling of earlier versions
 
 
 def _finish(
@@ -203,41 +216,210 @@ def top_p(
   return Routing(ids.astype(jnp.int32), weights, mask, probs, logits)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Registries. A router is a logits function (which parameters score tokens against experts) and a
+# selection rule (which experts a token visits, with what weight), picked by `MoEConfig.router` and
+# `MoEConfig.router_logits`; post-routing transforms edit the selection afterwards.
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  """One parameter of a router or an expert kind, before it exists: the module shell creates it.
+
+  `init(key, shape, dtype)` draws it; `init=None` makes zeros and draws no key (so adding an optional
+  zero-initialised parameter does not shift the random stream of the parameters after it).
+  `axes` are its logical axes (DESIGN.md); `dtype=None` means `MoEConfig.param_dtype`.
+  """
+
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  init: Callable[..., jax.Array] | None = None
+  dtype: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterLogits:
+  """How router logits [T, E] are computed from the router input x [T, D] (float32).
+
+  `params(config) -> {name: ParamSpec}` declares the parameters (they become `router.<name>`);
+  `apply(params, x, config) -> logits` computes the logits from them (arrays, float32).
+  """
+
+  params: Callable[[Any], dict[str, ParamSpec]]
+  apply: Callable[[dict[str, jax.Array], jax.Array, Any], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterSpec:
+  """A registered selection rule.
+
+  `select(logits [T, E], config, *, bias) -> Routing`, where `bias` [E] is the aux-loss-free bias
+  (None unless `MoEConfig.aux_free_bias`). `fields` names the `MoEConfig` fields it reads (shown in
+  errors and docs); `biasable`: a bias can steer its selection (it picks a fixed K by score);
+  `grouped`: it implements group-limited routing (`num_groups` > 1); `validate(config)`, if given,
+  raises ValueError for settings it cannot honour.
+  """
+
+  name: str
+  select: Callable[..., Routing]
+  fields: tuple[str, ...] = ()
+  biasable: bool = False
+  grouped: bool = False
+  validate: Callable[[Any], None] | None = None
+
+
+ROUTERS: dict[str, RouterSpec] = {}
+ROUTER_LOGITS: dict[str, RouterLogits] = {}
+
+
+def register_router(
+  name: str,
+  select: Callable[..., Routing],
+  *,
+  fields: tuple[str, ...] = (),
+  biasable: bool = False,
+  grouped: bool = False,
+  validate: Callable[[Any], None] | None = None,
+) -> RouterSpec:
+  """Registers a selection rule under `name` (`MoEConfig.router=name` picks it); returns its spec.
+
+      def top1(logits, config, *, bias=None):
+        return softmax_topk(logits, top_k=1, norm_topk_prob=False)
+
+      register_router("top1", top1)
+
+  Registering an existing name replaces it (so a notebook cell can be rerun).
+  """
+  spec = RouterSpec(name, select, tuple(fields), biasable, grouped, validate)
+  ROUTERS[name] = spec
+  return spec
+
+
+def register_router_logits(name: str, logits: RouterLogits) -> RouterLogits:
+  """Registers a logits function under `name` (`MoEConfig.router_logits=name` picks it)."""
+  ROUTER_LOGITS[name] = logits
+  return logits
+
+
+def _linear_params(config) -> dict[str, ParamSpec]:
+  d, e = config.d_model, config.num_experts
+  out = {"kernel": ParamSpec((d, e), ("embed", None), _fan_in_init)}
+  if config.router_bias:
+    out["bias"] = ParamSpec((e,), (None,))
+  return out
+
+
+def _linear_apply(params, x, config) -> jax.Array:
+  logits = x @ params["kernel"].astype(jnp.float32)  # [T, E]
+  if "bias" in params:
+    logits = logits + params["bias"].astype(jnp.float32)
+  return logits
+
+
+def _fan_in_init(key, shape, dtype):
+  # The router kernel's initialiser: fan-in truncated normal (as the dense layers).
+  return jax.nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")(key, shape, dtype)
+
+
+# The router of every released MoE model: a bias-free (gpt-oss: biased) linear map x @ W [D, E].
+register_router_logits("linear", RouterLogits(_linear_params, _linear_apply))
+
+
+def _topk_groups(fn):
+  def select(logits, c, *, bias=None):
+    return fn(
+      logits,
+      top_k=c.top_k,
+      norm_topk_prob=c.norm_topk_prob,
+      routed_scaling_factor=c.routed_scaling_factor,
+      bias=bias,
+      num_groups=c.num_groups,
+      topk_groups=c.topk_groups,
+    )
+
+  return select
+
+
+_TOPK_FIELDS = ("top_k", "norm_topk_prob", "routed_scaling_factor", "num_groups", "topk_groups")
+register_router(
+  "softmax_topk", _topk_groups(softmax_topk), fields=_TOPK_FIELDS, biasable=True, grouped=True
+)
+register_router(
+  "topk_softmax",
+  lambda logits, c, *, bias=None: topk_softmax(
+    logits, top_k=c.top_k, routed_scaling_factor=c.routed_scaling_factor, bias=bias
+  ),
+  fields=("top_k", "routed_scaling_factor"),
+  biasable=True,
+)
+register_router(
+  "sigmoid", _topk_groups(sigmoid_topk), fields=_TOPK_FIELDS, biasable=True, grouped=True
+)
+register_router(
+  "expert_choice",
+  lambda logits, c, *, bias=None: expert_choice(logits, capacity=c.capacity(logits.shape[0])),
+  fields=("top_k", "capacity_factor"),
+)
+register_router(
+  "top_p",
+  lambda logits, c, *, bias=None: top_p(
+    logits,
+    top_p=c.top_p,
+    top_k=c.top_k,
+    norm_topk_prob=c.norm_topk_prob,
+    routed_scaling_factor=c.routed_scaling_factor,
+  ),
+  fields=("top_p", "top_k", "norm_topk_prob", "routed_scaling_factor"),
+)
+
+
 def route(logits: jax.Array, config, *, bias: jax.Array | None = None) -> Routing:
-  """Apply the router named by `config.router` (an `MoEConfig`) to logits [T, E]."""
-  c = config
-  if c.router == "softmax_topk":
-    return softmax_topk(
-      logits,
-      top_k=c.top_k,
-      norm_topk_prob=c.norm_topk_prob,
-      routed_scaling_factor=c.routed_scaling_factor,
-      bias=bias,
-      num_groups=c.num_groups,
-      topk_groups=c.topk_groups,
-    )
-  if c.router == "topk_softmax":
-    return topk_softmax(
-      logits, top_k=c.top_k, routed_scaling_factor=c.routed_scaling_factor, bias=bias
-    )
-  if c.router == "sigmoid":
-    return sigmoid_topk(
-      logits,
-      top_k=c.top_k,
-      norm_topk_prob=c.norm_topk_prob,
-      routed_scaling_factor=c.routed_scaling_factor,
-      bias=bias,
-      num_groups=c.num_groups,
-      topk_groups=c.topk_groups,
-    )
-  if c.router == "expert_choice":
-    return expert_choice(logits, capacity=c.capacity(logits.shape[0]))
-  if c.router == "top_p":
-    return top_p(
-      logits,
-      top_p=c.top_p,
-      top_k=c.top_k,
-      norm_topk_prob=c.norm_topk_prob,
-      routed_scaling_factor=c.routed_scaling_factor,
-    )
-  raise ValueError(f"MoEConfig.router={c.router!r} is unknown")
+  """Apply the selection rule named by `config.router` (an `MoEConfig`) to logits [T, E]."""
+  if config.router not in ROUTERS:
+    raise ValueError(f"MoEConfig.router={config.router!r} is unknown; known: {sorted(ROUTERS)}")
+  return ROUTERS[config.router].select(logits, config, bias=bias)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Post-routing transforms: Routing -> Routing edits applied in one place (`post_route`), in order:
+# the padding mask first, then `MoEConfig.post_routing`.
+
+
+@dataclasses.dataclass(frozen=True)
+class PostRoutingContext:
+  """What a post-routing transform may read besides the routing."""
+
+  config: Any  # the layer's MoEConfig
+  token_mask: jax.Array | None  # [T], 1 = real token; None = all real
+
+
+POST_ROUTING: dict[str, Callable[[Routing, PostRoutingContext], Routing]] = {}
+
+
+def register_post_routing(name: str, fn: Callable[[Routing, PostRoutingContext], Routing]):
+  """Registers a transform under `name`; `MoEConfig.post_routing=(..., name)` applies it."""
+  POST_ROUTING[name] = fn
+  return fn
+
+
+def padding_mask(routing: Routing, ctx: PostRoutingContext) -> Routing:
+  """Padding is never dispatched: it takes no capacity slot and no expert compute.
+
+  Expert choice still lets experts pick padding (its capacity is per expert, fixed by the batch);
+  mask its inputs out upstream if that matters.
+  """
+  if ctx.token_mask is None or routing.capacity is not None:
+    return routing
+  real = routing.mask & (ctx.token_mask[:, None] > 0)  # [T, K]
+  return routing.replace(mask=real, weights=jnp.where(real, routing.weights, 0.0))
+
+
+register_post_routing("padding_mask", padding_mask)
+
+
+def post_route(routing: Routing, config, token_mask: jax.Array | None = None) -> Routing:
+  """The padding mask, then each of `config.post_routing` in order."""
+  ctx = PostRoutingContext(config, token_mask)
+  for name in ("padding_mask", *config.post_routing):
+    routing = POST_ROUTING[name](routing, ctx)
+  return routing

@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
 from moejax import sharding
-from moejax.moe import MoE, MoEConfig, parallel
+from moejax.moe import MoE, MoEConfig, ep_transport, parallel
 
 D, F, E = 32, 16, 8
 RTOL = 1e-5
@@ -157,7 +157,7 @@ def test_expert_tensor_parallel_and_folding(x):
 def test_ragged_transport_index_arithmetic_on_cpu(x, monkeypatch):
   """XLA:CPU cannot compile ragged_all_to_all; its semantics emulated by a padded all_to_all run
   the ragged transport's offsets and sizes, which must give the same result."""
-  monkeypatch.setattr(parallel, "ragged_all_to_all", parallel.emulated_ragged_all_to_all)
+  monkeypatch.setattr(ep_transport, "ragged_all_to_all", ep_transport.emulated_ragged_all_to_all)
   ref = _run(_quick(), None, x, skew=3.0)
   for kw in (dict(), dict(llep_alpha=1.0)):
     got = _run(_quick(ep_transport="ragged", **kw), MESHES["2x4"], x, skew=3.0)
