@@ -43,9 +43,7 @@ Export (`save_hf`) writes the hub layout: per-expert keys, Mixtral's under `bloc
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -61,107 +59,16 @@ from moejax.interop.hf_config import (
   config_to_hf,
 )
 from moejax.models.config import ModelConfig, to_dtype
-from moejax.models.transformer import Transformer, layer_layout
+from moejax.models.transformer import Transformer
+from moejax.moe.config import MoEConfig
+from moejax.moe.experts import expert_kind
 from moejax.moe.layer import AuxFreeBias
+from moejax.surgery import Copy, Experts, Flat, FusedExperts, Linear, canonical_names, fill
 
 # safetensors dtype names -> the ModelConfig dtype a checkpoint of that dtype loads as.
 _CHECKPOINT_DTYPES = {"F32": "float32", "F64": "float32", "BF16": "bfloat16", "F16": "float16"}
 # Tensors transformers never loads.
 _ALWAYS_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
-
-
-# --------------------------------------------------------------------------------------------------
-# How one moejax parameter is made from (and written back to) checkpoint tensors.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Copy:
-  """A tensor of the parameter's shape (embedding, norm scales, e_score_correction_bias)."""
-
-  key: str
-
-  def hf_shapes(self, shape):
-    return {self.key: tuple(shape)}
-
-  def load(self, read, shape):
-    return read(self.key)
-
-  def export(self, value):
-    return {self.key: value}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Flat:
-  """A flat vector reshaped to the parameter (q/k/v biases [H*A] -> [H, A], OLMoE's q/k norms)."""
-
-  key: str
-
-  def hf_shapes(self, shape):
-    return {self.key: (math.prod(shape),)}
-
-  def load(self, read, shape):
-    return read(self.key).reshape(shape)
-
-  def export(self, value):
-    return {self.key: value.reshape(-1)}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Linear:
-  """An nn.Linear weight [out, in] -> kernel [*in, *out] = weight.T reshaped; `num_in` axes in."""
-
-  key: str
-  num_in: int = 1
-
-  def hf_shapes(self, shape):
-    return {self.key: (math.prod(shape[self.num_in :]), math.prod(shape[: self.num_in]))}
-
-  def load(self, read, shape):
-    return read(self.key).T.reshape(shape)
-
-  def export(self, value):
-    n_in = math.prod(value.shape[: self.num_in])
-    return {self.key: value.reshape(n_in, -1).T}
-
-
-@dataclasses.dataclass(frozen=True)
-class _Experts:
-  """E per-expert Linear weights [out, in] -> [E, in, out] (hub layout)."""
-
-  keys: tuple[str, ...]
-
-  def hf_shapes(self, shape):
-    _, d_in, d_out = shape
-    return {k: (d_out, d_in) for k in self.keys}
-
-  def load(self, read, shape):
-    return np.stack([read(k).T for k in self.keys])  # [E, in, out]
-
-  def export(self, value):
-    return {k: value[e].T for e, k in enumerate(self.keys)}
-
-
-@dataclasses.dataclass(frozen=True)
-class _FusedExperts:
-  """transformers 5's fused experts: `gate_up_proj` [E, 2F, D] (part 0: gate rows, 1: up rows) or
-  `down_proj` [E, D, F] (part None) -> [E, D, F] / [E, F, D]."""
-
-  key: str
-  part: int | None
-
-  def hf_shapes(self, shape):
-    e, d_in, d_out = shape
-    return {self.key: (e, d_out * (1 if self.part is None else 2), d_in)}
-
-  def load(self, read, shape):
-    w = read(self.key)
-    if self.part is not None:
-      f = shape[2]
-      w = w[:, self.part * f : (self.part + 1) * f]  # [E, F, D]
-    return np.swapaxes(w, 1, 2)
-
-  def export(self, value):
-    raise NotImplementedError("export writes the per-expert hub layout")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,24 +78,24 @@ class _FusedExperts:
 def _attention_sources(c: ModelConfig, hf: str, mj: str) -> dict[str, Any]:
   if c.attention == "mla":
     src = {
-      f"{mj}.kv_a_proj.kernel": _Linear(f"{hf}.kv_a_proj_with_mqa.weight"),
-      f"{mj}.kv_a_norm.scale": _Copy(f"{hf}.kv_a_layernorm.weight"),
-      f"{mj}.kv_b_proj.kernel": _Linear(f"{hf}.kv_b_proj.weight"),
-      f"{mj}.o_proj.kernel": _Linear(f"{hf}.o_proj.weight", num_in=2),
+      f"{mj}.kv_a_proj.kernel": Linear(f"{hf}.kv_a_proj_with_mqa.weight"),
+      f"{mj}.kv_a_norm.scale": Copy(f"{hf}.kv_a_layernorm.weight"),
+      f"{mj}.kv_b_proj.kernel": Linear(f"{hf}.kv_b_proj.weight"),
+      f"{mj}.o_proj.kernel": Linear(f"{hf}.o_proj.weight", num_in=2),
     }
     if c.q_lora_rank is None:
-      src[f"{mj}.q_proj.kernel"] = _Linear(f"{hf}.q_proj.weight")
+      src[f"{mj}.q_proj.kernel"] = Linear(f"{hf}.q_proj.weight")
     else:
-      src[f"{mj}.q_a_proj.kernel"] = _Linear(f"{hf}.q_a_proj.weight")
-      src[f"{mj}.q_a_norm.scale"] = _Copy(f"{hf}.q_a_layernorm.weight")
-      src[f"{mj}.q_b_proj.kernel"] = _Linear(f"{hf}.q_b_proj.weight")
+      src[f"{mj}.q_a_proj.kernel"] = Linear(f"{hf}.q_a_proj.weight")
+      src[f"{mj}.q_a_norm.scale"] = Copy(f"{hf}.q_a_layernorm.weight")
+      src[f"{mj}.q_b_proj.kernel"] = Linear(f"{hf}.q_b_proj.weight")
     return src
-  src = {f"{mj}.{p}_proj.kernel": _Linear(f"{hf}.{p}_proj.weight") for p in "qkv"}
-  src[f"{mj}.o_proj.kernel"] = _Linear(f"{hf}.o_proj.weight", num_in=2)
+  src = {f"{mj}.{p}_proj.kernel": Linear(f"{hf}.{p}_proj.weight") for p in "qkv"}
+  src[f"{mj}.o_proj.kernel"] = Linear(f"{hf}.o_proj.weight", num_in=2)
   if c.qkv_bias:
-    src |= {f"{mj}.{p}_proj.bias": _Flat(f"{hf}.{p}_proj.bias") for p in "qkv"}
+    src |= {f"{mj}.{p}_proj.bias": Flat(f"{hf}.{p}_proj.bias") for p in "qkv"}
   if c.qk_norm is not None:
-    norm = _Copy if c.qk_norm == "head" else _Flat
+    norm = Copy if c.qk_norm == "head" else Flat
     src |= {f"{mj}.{p}_norm.scale": norm(f"{hf}.{p}_norm.weight") for p in "qk"}
   return src
 
@@ -196,42 +103,45 @@ def _attention_sources(c: ModelConfig, hf: str, mj: str) -> dict[str, Any]:
 def _ffn_sources(hf: str, mj: str) -> dict[str, Any]:
   """A SwiGLU MLP with HF names gate_proj / up_proj / down_proj."""
   return {
-    f"{mj}.w_gate": _Linear(f"{hf}.gate_proj.weight"),
-    f"{mj}.w_up": _Linear(f"{hf}.up_proj.weight"),
-    f"{mj}.w_down": _Linear(f"{hf}.down_proj.weight"),
+    f"{mj}.w_gate": Linear(f"{hf}.gate_proj.weight"),
+    f"{mj}.w_up": Linear(f"{hf}.up_proj.weight"),
+    f"{mj}.w_down": Linear(f"{hf}.down_proj.weight"),
   }
 
 
+# Mixtral's hub checkpoints name the gated FFN's projections w1 (gate), w3 (up), w2 (down).
+_MIXTRAL_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
 def _moe_sources(
-  model_type: str, c: ModelConfig, layer: str, mj: str, has: Callable[[str], bool]
+  model_type: str, m: MoEConfig, layer: str, mj: str, has: Callable[[str], bool]
 ) -> dict[str, Any]:
-  m = c.moe
   # Mixtral hub checkpoints name the block `block_sparse_moe`; transformers 5 renames it `mlp`.
   block = "block_sparse_moe"
   if model_type != "mixtral" or has(f"{layer}.mlp.gate.weight"):
     block = "mlp"
   hf = f"{layer}.{block}"
-  src = {f"{mj}.router.kernel": _Linear(f"{hf}.gate.weight")}
+  src = {f"{mj}.router.kernel": Linear(f"{hf}.gate.weight")}
   if m.aux_free_bias:
-    src[f"{mj}.router.aux_free_bias"] = _Copy(f"{hf}.gate.e_score_correction_bias")
-  if has(f"{hf}.experts.gate_up_proj"):
+    src[f"{mj}.router.aux_free_bias"] = Copy(f"{hf}.gate.e_score_correction_bias")
+  # The expert kind names its leaves' per-expert projections.
+  names = dict(expert_kind(m).checkpoint_names)
+  if has(f"{hf}.experts.gate_up_proj") and set(names) == {"w_gate", "w_up", "w_down"}:
     src |= {
-      f"{mj}.experts.w_gate": _FusedExperts(f"{hf}.experts.gate_up_proj", 0),
-      f"{mj}.experts.w_up": _FusedExperts(f"{hf}.experts.gate_up_proj", 1),
-      f"{mj}.experts.w_down": _FusedExperts(f"{hf}.experts.down_proj", None),
+      f"{mj}.experts.w_gate": FusedExperts(f"{hf}.experts.gate_up_proj", 0),
+      f"{mj}.experts.w_up": FusedExperts(f"{hf}.experts.gate_up_proj", 1),
+      f"{mj}.experts.w_down": FusedExperts(f"{hf}.experts.down_proj", None),
     }
   else:
-    names = (
-      ("w1", "w3", "w2") if block == "block_sparse_moe" else ("gate_proj", "up_proj", "down_proj")
-    )
-    for param, name in zip(("w_gate", "w_up", "w_down"), names, strict=True):
+    for param, name in names.items():
+      name = _MIXTRAL_NAMES.get(name, name) if block == "block_sparse_moe" else name
       keys = tuple(f"{hf}.experts.{e}.{name}.weight" for e in range(m.num_experts))
-      src[f"{mj}.experts.{param}"] = _Experts(keys)
+      src[f"{mj}.experts.{param}"] = Experts(keys)
   if m.num_shared_experts:
     shared = "shared_expert" if model_type == "qwen2_moe" else "shared_experts"
     src |= _ffn_sources(f"{hf}.{shared}", f"{mj}.shared_experts")
     if m.shared_expert_gate:
-      src[f"{mj}.shared_experts.gate"] = _Linear(f"{hf}.shared_expert_gate.weight")
+      src[f"{mj}.shared_experts.gate"] = Linear(f"{hf}.shared_expert_gate.weight")
   return src
 
 
@@ -243,18 +153,18 @@ def param_sources(
   Mixtral's block name); the default picks the hub layout, which is what `save_hf` writes."""
   c = config
   src: dict[str, Any] = {
-    "embed.embedding": _Copy("model.embed_tokens.weight"),
-    "final_norm.scale": _Copy("model.norm.weight"),
+    "embed.embedding": Copy("model.embed_tokens.weight"),
+    "final_norm.scale": Copy("model.norm.weight"),
   }
   if not c.tie_embeddings:
-    src["lm_head.kernel"] = _Linear("lm_head.weight")
+    src["lm_head.kernel"] = Linear("lm_head.weight")
   for i in range(c.num_layers):
     hf, mj = f"model.layers.{i}", f"blocks.{i}"
-    src[f"{mj}.attn_norm.scale"] = _Copy(f"{hf}.input_layernorm.weight")
-    src[f"{mj}.ffn_norm.scale"] = _Copy(f"{hf}.post_attention_layernorm.weight")
+    src[f"{mj}.attn_norm.scale"] = Copy(f"{hf}.input_layernorm.weight")
+    src[f"{mj}.ffn_norm.scale"] = Copy(f"{hf}.post_attention_layernorm.weight")
     src |= _attention_sources(c, f"{hf}.self_attn", f"{mj}.attn")
     if c.is_moe_layer(i):
-      src |= _moe_sources(model_type, c, hf, f"{mj}.moe", has)
+      src |= _moe_sources(model_type, c.layer_moe(i), hf, f"{mj}.moe", has)
     else:
       src |= _ffn_sources(f"{hf}.mlp", f"{mj}.mlp")
   return src
@@ -411,31 +321,14 @@ def load_hf(
   return model, config
 
 
-def _unscanned_names(config: ModelConfig, path: tuple) -> tuple[list[str], bool]:
-  """The unscanned parameter name(s) a variable of `Transformer(config)` holds, and whether they
-  are stacked along a leading layer axis (scanned_blocks; see transformer.stack_layers)."""
-  if not config.scan_layers or path[0] not in ("prefix_blocks", "scanned_blocks", "suffix_blocks"):
-    return [_path(path)], False
-  prefix, period, units, _ = layer_layout(config)
-  head, index, rest = path[0], int(path[1]), path[2:]
-  if head == "scanned_blocks":
-    return [_path(("blocks", prefix + u * period + index, *rest)) for u in range(units)], True
-  layer = index if head == "prefix_blocks" else prefix + period * units + index
-  return [_path(("blocks", layer, *rest))], False
+def _sources(config: ModelConfig, model_type: str, ckpt: _Checkpoint):
+  """(sources, shapes) of every canonical parameter of `Transformer(config)`, checked against the
+  checkpoint's tensors."""
+  from moejax.surgery import shapes as canonical_shapes
 
-
-def _fill(config: ModelConfig, model_type: str, ckpt: _Checkpoint) -> Transformer:
-  """`Transformer(config)` (either layout) with every parameter read from `ckpt` exactly once;
-  a scanned parameter is assembled from its layers' tensors, never from an unscanned copy."""
   model = nnx.eval_shape(lambda: Transformer(config, rngs=_rngs()))
-  flat = list(nnx.to_flat_state(nnx.state(model)))
+  shapes = {name: shape for name, (shape, _) in canonical_shapes(model, config).items()}
   sources = param_sources(model_type, config.replace(scan_layers=False), ckpt.file_of.__contains__)
-  targets, shapes = {}, {}
-  for p, var in flat:
-    if isinstance(var, (nnx.Param, AuxFreeBias)):
-      names, stacked = targets[p] = _unscanned_names(config, p)
-      shape = var.get_value().shape
-      shapes |= dict.fromkeys(names, shape[1:] if stacked else shape)
   if sources.keys() != shapes.keys():  # a bug in the name table, not in the checkpoint
     raise RuntimeError(
       "moejax.interop's name table is out of date: no source for "
@@ -443,30 +336,38 @@ def _fill(config: ModelConfig, model_type: str, ckpt: _Checkpoint) -> Transforme
       f"{sorted(sources.keys() - shapes.keys())}"
     )
   _check(ckpt, sources, shapes, model_type, config)
-  rng_state = None
-  filled = []
-  for p, var in flat:
-    if p in targets:
-      names, stacked = targets[p]
-      abstract = var.get_value()
-      # Converted on the host (a stacked one layer by layer into its buffer), then moved to the
-      # default device once.
-      if stacked:
-        value = np.empty(abstract.shape, abstract.dtype)
-        for u, name in enumerate(names):
-          value[u] = sources[name].load(ckpt.read, shapes[name])
-      else:
-        value = sources[names[0]].load(ckpt.read, shapes[names[0]])
-        value = value.astype(abstract.dtype, copy=False)
-      filled.append((p, var.replace(jax.device_put(value))))
-    elif isinstance(var, nnx.RngState):  # router-jitter RNG streams: not in checkpoints
-      if rng_state is None:
-        rng_state = dict(_init_rng_state(config))
-      filled.append((p, rng_state[p]))
-    else:
-      raise RuntimeError(f"moejax.interop cannot fill {_path(p)} ({type(var).__name__})")
-  nnx.update(model, nnx.from_flat_state(filled))
+  return model, sources
+
+
+def _fill(config: ModelConfig, model_type: str, ckpt: _Checkpoint) -> Transformer:
+  """`Transformer(config)` (either layout) with every parameter read from `ckpt` exactly once;
+  a scanned parameter is assembled from its layers' tensors, never from an unscanned copy."""
+  model, sources = _sources(config, model_type, ckpt)
+  # Router-jitter RNG streams are not in checkpoints: they start fresh.
+  nnx.update(model, nnx.from_flat_state(_init_rng_state(config)))
+  # Converted on the host (a stacked one layer by layer into its buffer), then moved to the default
+  # device once.
+  fill(model, lambda name, shape: sources[name].load(ckpt.read, shape), config)
   return model
+
+
+def read_hf(path: str | Path, config: ModelConfig) -> dict[str, np.ndarray]:
+  """The canonical values (`moejax.surgery`) of a Hugging Face checkpoint directory for a model
+  with `config` (as `config_from_hf` reads its config.json, any dtype and layout), checked as
+  `load_hf` checks them."""
+  path = Path(path)
+  model_type = read_config(path).get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"{path / 'config.json'}: model_type {model_type!r} is not supported")
+  with contextlib.ExitStack() as stack:
+    ckpt = _Checkpoint(path, stack)
+    model, sources = _sources(config, model_type, ckpt)
+    from moejax.surgery import shapes as canonical_shapes
+
+    return {
+      name: np.asarray(sources[name].load(ckpt.read, shape)).astype(dtype, copy=False)
+      for name, (shape, dtype) in canonical_shapes(model, config).items()
+    }
 
 
 def _init_rng_state(config: ModelConfig):
@@ -493,7 +394,7 @@ def save_hf(
   host, where = {}, {}
   for p, var in nnx.to_flat_state(nnx.state(model)):
     if isinstance(var, (nnx.Param, AuxFreeBias)):
-      names, stacked = _unscanned_names(config, p)
+      names, stacked = canonical_names(config, p)
       where |= {name: (p, u if stacked else None) for u, name in enumerate(names)}
       host[p] = var
 
@@ -509,10 +410,12 @@ def save_hf(
       # transformers keeps DeepSeek-V3's routing bias in float32 (_keep_in_fp32_modules_strict).
       dtype = np.float32 if key.endswith("e_score_correction_bias") else config.param_dtype
       tensors[key] = np.ascontiguousarray(tensor.astype(dtype, copy=False))
-  if model_type == "deepseek_v3" and not config.moe.aux_free_bias:
+  if model_type == "deepseek_v3":
     for i in config.moe_layers:  # transformers always has the bias: a zero one routes the same
-      key = f"model.layers.{i}.mlp.gate.e_score_correction_bias"
-      tensors[key] = np.zeros((config.moe.num_experts,), np.float32)
+      moe = config.layer_moe(i)
+      if not moe.aux_free_bias:
+        key = f"model.layers.{i}.mlp.gate.e_score_correction_bias"
+        tensors[key] = np.zeros((moe.num_experts,), np.float32)
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
   save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -307,8 +307,13 @@ def base_config() -> ml_collections.ConfigDict:
       log_every=10,
       # Seed of parameters, data order and router noise.
       seed=0,
-      # Start from a Hugging Face checkpoint directory (moejax.interop.load_hf): its config.json
-      # replaces config.model (only config.model.param_dtype is kept); None: random initialisation.
+      # Where the first parameters come from (moejax.surgery): hf:DIR (a Hugging Face checkpoint;
+      # its config.json replaces config.model, only config.model.param_dtype is kept), run:DIR (a
+      # moejax run's latest checkpoint), DIR, or module:function (a surgery function: upcycling,
+      # pruning, merging); None: random initialisation. Resuming from this run's own checkpoints
+      # comes first.
+      init_from=config_dict.placeholder(str),
+      # The older spelling of init_from=hf:DIR.
       init_from_hf=config_dict.placeholder(str),
       # Show a progress bar.
       progress_bar=True,

@@ -40,7 +40,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from moejax import sharding
+from moejax import sharding, surgery
 from moejax.data import DataConfig, build_datasets
 from moejax.kernels import host_threads, limit_host_threads
 from moejax.models import ModelConfig, Transformer, lm_loss
@@ -58,18 +58,32 @@ def rules_from_config(config: ml_collections.ConfigDict) -> dict:
   return sharding.logical_rules(parallel.get("expert_axes"))
 
 
+def init_from(config: ml_collections.ConfigDict) -> str | None:
+  """`config.train.init_from` (see `moejax.surgery`), or `hf:DIR` for the older `init_from_hf`."""
+  t = config.train
+  spec, hf = t.get("init_from"), t.get("init_from_hf")
+  if spec and hf:
+    raise ValueError(
+      f"config.train.init_from={spec!r} and init_from_hf={hf!r} are both set; set one "
+      "(init_from=hf:DIR is the same as init_from_hf=DIR)"
+    )
+  return f"hf:{hf}" if hf else spec or None
+
+
 def build_model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
   """ModelConfig from `config.model`, the vocabulary taken from the tokenizer when unset; from the
-  checkpoint's config.json with `config.train.init_from_hf`."""
-  hf_path = config.train.get("init_from_hf")
-  if hf_path:
+  checkpoint's config.json when the run starts from a Hugging Face checkpoint
+  (`config.train.init_from=hf:DIR`)."""
+  spec = init_from(config)
+  kind, hf_path = surgery.init_kind(spec) if spec else (None, None)
+  if kind == "hf":
     from moejax.interop import config_from_hf
     from moejax.interop.hf import read_config
 
     model_config = config_from_hf(read_config(Path(hf_path)), dtype=config.model.param_dtype)
     if model_config.vocab_size < vocab_size:
       raise ValueError(
-        f"config.train.init_from_hf={hf_path!r}: the checkpoint's vocab_size "
+        f"config.train.init_from={spec!r}: the checkpoint's vocab_size "
         f"{model_config.vocab_size} is smaller than the tokenizer's {vocab_size}"
       )
     return model_config
@@ -198,23 +212,24 @@ class Trainer:
     with self.context():
       return self._init()
 
-  def init_from_hf(self, path: str | Path, rest):
-    """(params, rest, opt_state) starting from a Hugging Face checkpoint: its parameters and
-    aux-loss-free biases, this run's router-noise RNG state, a fresh optimizer state."""
-    from moejax.interop import load_hf
-    from moejax.moe import AuxFreeBias
-
-    c = self.model_config
-    loaded, _ = load_hf(path, dtype=c.param_dtype, scan_layers=c.scan_layers)
-    _, params, _ = nnx.split(loaded, nnx.Param, ...)
+  def init_from(self, spec: str, params, rest):
+    """(params, rest, opt_state) starting from `spec` (`moejax.surgery`: hf:DIR, run:DIR, DIR or
+    module:function): its parameters and aux-loss-free biases, this run's router-noise RNG state,
+    a fresh optimizer state."""
     model = nnx.merge(self.graphdef, params, rest)
-    nnx.update(model, nnx.state(loaded, AuxFreeBias))
+    values = surgery.initial_values(spec, self.model_config, surgery.canonical(model))
+    surgery.fill(model, values)
     _, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.device_put(params, self.param_shardings)
     rest = jax.device_put(rest, self.rest_shardings)
     with self.context():
       opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
     return params, rest, opt_state
+
+  def init_from_hf(self, path: str | Path, rest):
+    """`init_from("hf:" + path)` from a fresh initialisation (the name of earlier versions)."""
+    params, rest, _ = self.init()
+    return self.init_from(f"hf:{path}", params, rest)
 
   def _grads(self, params, rest, batch):
     """(grads, loss, num_tokens, aux, new_rest) of one batch: the gradient of its mean token loss
@@ -365,8 +380,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
   train_iter = datasets.train_iter()
   params, rest, opt_state = trainer.init()
   start_step = checkpointer.latest_step() or 0
-  if not start_step and t.get("init_from_hf"):
-    params, rest, opt_state = trainer.init_from_hf(t.init_from_hf, rest)
+  if not start_step and init_from(config):
+    params, rest, opt_state = trainer.init_from(init_from(config), params, rest)
   if start_step:
     (params, rest, opt_state), data_state = checkpointer.restore(
       start_step, (params, rest, opt_state)
