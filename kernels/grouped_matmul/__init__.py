@@ -11,9 +11,21 @@ that run several XLA programs side by side (`limit_host_threads`).
 from moejax.kernels.grouped_matmul.blas import limit_threads as limit_host_threads
 from moejax.kernels.grouped_matmul.blas import num_threads as host_threads
 from moejax.kernels.grouped_matmul.blas import set_num_threads as set_host_threads
-from moejax.kernels.grouped_matmul.ops import BACKENDS, check_options, gmm, gmm_multi, tgmm
+from moejax.kernels.grouped_matmul.ops import (
+  BACKENDS,
+  Backend,
+  backends,
+  check_options,
+  gmm,
+  gmm_multi,
+  register_backend,
+  tgmm,
+)
 
 __all__ = [
+  "Backend",
+  "backends",
+  "register_backend",
   "check_options",
   "BACKENDS",
   "gmm",

@@ -174,6 +174,26 @@ _BACKENDS = {"auto": _by_compile_target(cpu=_BACKENDS["blas"], other=_BACKENDS["
 BACKENDS: tuple[str, ...] = tuple(_BACKENDS)
 
 
+def register_backend(name: str, backend: Backend) -> Backend:
+  """Registers a grouped-matmul backend under `name` (`gmm(..., backend=name)`,
+  `MoEConfig.gmm_backend=name`); returns it. Registering an existing name replaces it; `auto` is
+  not replaceable (it is the compile-target choice between `blas` and `xla`).
+  """
+  global BACKENDS
+  if name == "auto" or not isinstance(name, str) or not name:
+    raise ValueError(f"register_backend: name={name!r}; allowed: a non-empty name other than auto")
+  if not isinstance(backend, Backend):
+    raise TypeError(f"register_backend: backend must be an ops.Backend, got {type(backend)}")
+  _BACKENDS[name] = backend
+  BACKENDS = tuple(_BACKENDS)
+  return backend
+
+
+def backends() -> tuple[str, ...]:
+  """The registered backend names, `auto` first (including those registered after import)."""
+  return tuple(_BACKENDS)
+
+
 def _backend(fn: str, backend: str, options) -> tuple[str, Backend, Options]:
   """(name, kernels, options as sorted pairs) for a public call, each checked.
 

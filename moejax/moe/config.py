@@ -13,11 +13,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from moejax.kernels import BACKENDS, check_options
+from moejax.kernels import backends, check_options
 from moejax.moe.activations import ACTIVATIONS, GATED
 from moejax.moe.router import POST_ROUTING, ROUTER_LOGITS, ROUTERS
-
-GMM_BACKENDS = BACKENDS  # the grouped-matmul backends, "auto" first
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -140,8 +138,8 @@ class MoEConfig:
       _fail("activation", self.activation, f"known activations are {', '.join(ACTIVATIONS)}")
     if self.expert_kind != "auto" and self.expert_kind not in EXPERT_KINDS:
       _fail("expert_kind", self.expert_kind, f"known kinds are auto, {', '.join(EXPERT_KINDS)}")
-    if self.gmm_backend not in GMM_BACKENDS:
-      _fail("gmm_backend", self.gmm_backend, f"known backends are {', '.join(GMM_BACKENDS)}")
+    if self.gmm_backend not in backends():
+      _fail("gmm_backend", self.gmm_backend, f"known backends are {', '.join(backends())}")
     options = self.gmm_options
     if isinstance(options, (list, tuple)):  # a JSON round trip gives lists of lists
       options = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in options)
