@@ -61,8 +61,8 @@ class MoEConfig:
   # Capacity per expert C = ceil(T * K / E * capacity_factor), used by `capacity` dispatch and by the
   # `expert_choice` router.
   capacity_factor: float = 1.0
-  # Dispatch strategy: dropless (sort + grouped matmul, nothing dropped) | capacity (C slots per
-  # expert, overflow rides the residual).
+  # Dispatch strategy: dropless (sort + grouped matmul, nothing dropped) | capacity (C buffer rows
+  # per expert, overflow rides the residual).
   dispatch: str = "dropless"
   # Routed expert kind, a name registered with `moejax.moe.register_expert_kind`: glu (gated FFN),
   # mlp (plain FFN), or auto = glu for gated activations, mlp otherwise.

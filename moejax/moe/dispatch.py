@@ -5,8 +5,8 @@ Two strategies, each a pair of pure functions around the expert computation:
 - **dropless** (MegaBlocks, Gale et al. 2023): sort the T*K token copies by expert, run the experts as
   one grouped matmul over the ragged groups, unsort, and sum each token's K outputs with its combine
   weights. No token is ever dropped; memory is T*K*D, fixed, whatever the load balance.
-- **capacity** (GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021): each expert has C slots.
-  Slots are filled in priority order -- every token's first choice (in token order) before any
+- **capacity** (GShard, Lepikhin et al. 2020; Switch, Fedus et al. 2021): each expert has C buffer rows.
+  Rows are filled in priority order -- every token's first choice (in token order) before any
   second choice -- and copies that find their expert full are dropped: they get zero expert output
   and ride the residual. The expert computation is a dense batched matmul over [E, C, D].
 
@@ -17,8 +17,8 @@ bounds its buffer by E * C instead of T * K.
 Both are entries of `DISPATCHES` (`MoEConfig.dispatch`), and this file is their only implementation:
 expert parallelism (moe/parallel.py) reuses the keep rule (`queue_positions` with the copies that
 other devices put ahead in the queue), `combine` and `dropped_fraction`, and adds only its planning
-and transport. Vocabulary: a token's K *choices* are its routing slots (`Routing.mask` [T, K]); a
-*copy* is one used choice; a capacity buffer has C *rows* per expert.
+and transport. Vocabulary: a token's K routing *slots* (`Routing.mask` [T, K]); a *copy* is one
+used slot sent to its expert; a capacity buffer has C *rows* per expert.
 
 Causality: dropless dispatch with a token-choice router is causal (a token's output depends on no
 other token). Capacity dispatch is not: whether a token's copy is dropped depends on which tokens
@@ -63,11 +63,11 @@ def queue_positions(
 ) -> jax.Array:
   """Each copy's place [T, K] in its expert's queue, in GShard's priority order.
 
-  The order is k-major: every token's first choice (in token order), then every second choice, ...
-  Unused choices (mask False) get places past every real one. `before` [K, E], when given, counts
+  The order is k-major: every token's first slot (in token order), then every second slot, ...
+  Unused slots (mask False) get places past every real one. `before` [K, E], when given, counts
   the copies of expert e ahead of this batch's level-k copies in a queue longer than this batch
   (expert parallelism: every device's earlier levels, and the earlier devices' level k); None: the
-  batch is the whole queue. A copy keeps a capacity row iff its place is below C.
+  batch is the whole queue. A copy keeps a buffer row iff its place is below C.
   """
   t, k = expert_ids.shape
   e = num_experts
@@ -84,7 +84,7 @@ def queue_positions(
 def dropped_fraction(
   kept: jax.Array, mask: jax.Array, token_mask: jax.Array | None = None
 ) -> jax.Array:
-  """The fraction of real tokens' used choices [T, K] that were not computed (kept False)."""
+  """The fraction of real tokens' used slots [T, K] that were not computed (kept False)."""
   used = mask if token_mask is None else mask & (token_mask[:, None] > 0)  # [T, K]
   return (1.0 - jnp.sum(kept & used) / jnp.maximum(jnp.sum(used), 1)).astype(jnp.float32)
 
@@ -139,12 +139,12 @@ def dropless(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Capacity: GShard slot assignment into an [E, C, D] buffer.
+# Capacity: GShard's assignment of copies to the rows of an [E, C, D] buffer.
 
 
 class CapacityPlan(NamedTuple):
-  slot: jax.Array  # [T, K] buffer row e*C + position of each (token, slot); E*C if not kept
-  keep: jax.Array  # [T, K] the copy got a slot
+  row: jax.Array  # [T, K] buffer row e*C + place of each (token, slot); E*C if not kept
+  keep: jax.Array  # [T, K] the copy got a row
   source: jax.Array  # [E*C] token in each buffer row; T (the zero row) if the row is empty
 
 
@@ -157,11 +157,11 @@ def capacity_dispatch(
   ids = jnp.where(routing.mask, routing.expert_ids, e).T.reshape(-1)  # [K*T] k-major
   position = queue_positions(routing.expert_ids, routing.mask, e, before).T.reshape(-1)  # [K*T]
   keep = (ids < e) & (position < c)  # [K*T]
-  slot = jnp.where(keep, ids * c + position, e * c)  # [K*T]
+  row = jnp.where(keep, ids * c + position, e * c)  # [K*T]
   token = jnp.tile(jnp.arange(t, dtype=jnp.int32), k)  # [K*T]
   # Every dropped copy writes to row E*C, which is cut off.
-  source = jnp.full((e * c + 1,), t, jnp.int32).at[slot].set(token)[: e * c]  # [E*C]
-  plan = CapacityPlan(slot.reshape(k, t).T, keep.reshape(k, t).T, source)
+  source = jnp.full((e * c + 1,), t, jnp.int32).at[row].set(token)[: e * c]  # [E*C]
+  plan = CapacityPlan(row.reshape(k, t).T, keep.reshape(k, t).T, source)
   buffer = with_zero_row(x)[source].reshape(e, c, -1)  # [E, C, D]
   return buffer, plan
 
@@ -169,7 +169,7 @@ def capacity_dispatch(
 def capacity_combine(out: jax.Array, plan: CapacityPlan, routing: Routing, dtype=None) -> jax.Array:
   """Expert outputs [E, C, D] -> weighted per-token sum [T, D]; dropped copies contribute zero."""
   e, c, d = out.shape
-  gathered = with_zero_row(out.reshape(e * c, d))[plan.slot]  # [T, K, D]
+  gathered = with_zero_row(out.reshape(e * c, d))[plan.row]  # [T, K, D]
   return combine(gathered, jnp.where(plan.keep, routing.weights, 0.0), dtype or out.dtype)
 
 

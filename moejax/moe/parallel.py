@@ -120,12 +120,12 @@ def _splits_mlp(param_axes: dict[str, tuple]) -> bool:
   return any("mlp" in axes for axes in param_axes.values())
 
 
-def guest_slots(config: MoEConfig, lay: EPLayout) -> int:
+def num_guests(config: MoEConfig, lay: EPLayout) -> int:
   """Guest experts per device: 0 when LLEP is off or there is no other device to spill to."""
   return config.llep_slots if config.llep_alpha is not None and lay.ep_size > 1 else 0
 
 
-llep_slots = guest_slots  # the name of earlier versions
+llep_slots = num_guests  # the name of earlier versions
 
 
 def pair_bound(config: MoEConfig, t_local: int, k: int, lay: EPLayout, capacity) -> int:
@@ -135,7 +135,7 @@ def pair_bound(config: MoEConfig, t_local: int, k: int, lay: EPLayout, capacity)
   and with a capacity C (capacity dispatch, expert choice) at most C per expert.
   """
   el = config.num_experts // lay.ep_size
-  guests = guest_slots(config, lay)
+  guests = num_guests(config, lay)
   bound = t_local * min(k, el + guests)
   if capacity is not None:
     bound = min(bound, (el + guests) * capacity)
@@ -143,7 +143,7 @@ def pair_bound(config: MoEConfig, t_local: int, k: int, lay: EPLayout, capacity)
 
 
 def _keep(routing: Routing, config: MoEConfig, capacity, token_axes):
-  """(kept [T_l, K], before [K, E] or None): the used choices that get computed, all of them or
+  """(kept [T_l, K], before [K, E] or None): the used slots that get computed, all of them or
   those within the capacity in the global queue, and the copies other devices put ahead."""
   if capacity is None or not DISPATCHES[config.dispatch].capacity:
     return routing.mask, None
@@ -330,7 +330,7 @@ def sharded_moe(
       capacity=capacity,
       bound=pair_bound(c, t_local, k, lay, capacity),
       transport=transport,
-      guests=guest_slots(c, lay),
+      guests=num_guests(c, lay),
       splits_mlp=splits_mlp,
     )
   else:
