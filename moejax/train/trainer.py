@@ -19,7 +19,7 @@ declares it). Each micro-batch draws its own router noise
 (its index folded into every RNG key). On one CPU device the micro-batches run concurrently on host
 threads: XLA:CPU runs one program's chain of small ops on one core at a time, and two programs
 fill both (the Mixtral tiny step on 2 cores: ~230 -> ~207 ms with M = 2). While they run, the
-host grouped matmuls split each call over the cores per micro-batch only (`blas.limit_threads`):
+host grouped matmuls split each call over the cores per micro-batch only (`moejax.kernels.limit_host_threads`):
 a program in flight already keeps its core busy (a further 234 -> 212 ms). Elsewhere they run one
 after the other.
 """
@@ -337,7 +337,7 @@ class Trainer:
         results = [micro(i) for i in range(m)]
       else:
         # Each program in flight keeps a core busy: the host grouped matmuls split a call over
-        # the cores left to it, not over all of them (see `blas.limit_threads`). The sequential
+        # the cores left to it, not over all of them (see `moejax.kernels.limit_host_threads`). The sequential
         # first call does the same, so that it computes what the threaded ones do, bit for bit.
         with limit_host_threads(max(1, host_threads() // m)):
           if not self._warm:  # the first call compiles, once
