@@ -69,6 +69,7 @@ class _Interrupted(Exception):
   pass
 
 
+@pytest.mark.slow  # three short trainings: ~90 s on 2 cores
 def test_hetero_builds_trains_resumes_exactly_and_reads_out_routing(
   tmp_path, monkeypatch, one_device
 ):
