@@ -488,6 +488,11 @@ def _export_mismatch(c: ModelConfig, model_type: str) -> str | None:
   m = c.moe
   if m is None:
     return "the model has no MoE layers"
+  if c.layers is not None and c.block_specs != c.replace(layers=None).block_specs:
+    return (
+      "its layers have their own block specs (ModelConfig.layers: per-layer MoEConfig, block kind "
+      "or attention); transformers' families describe every MoE layer by one config"
+    )
   if c.activation != "swiglu" or m.activation != "swiglu":
     return "transformers' MoE families use SwiGLU FFNs (activation='swiglu')"
   if m.router_bias or m.dispatch != "dropless":
