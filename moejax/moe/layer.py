@@ -82,7 +82,7 @@ class MoE(nnx.Module):
     """x [B, S, D] -> (y [B, S, D], aux), or (y, aux, routing) with `return_routing`.
 
     1. route:    router logits [T, E] (float32) -> Routing (ids, weights [T, K])
-    2. dispatch: token copies grouped by expert (dropless sort, or capacity slots)
+    2. dispatch: token copies grouped by expert (dropless sort, or capacity buffer rows)
     3. experts:  grouped matmul (dropless) or batched matmul over [E, C, D] (capacity)
     4. combine:  weighted sum of each token's expert outputs, plus the shared experts
 
@@ -93,7 +93,7 @@ class MoE(nnx.Module):
     `aux` holds scalars `load_balance_loss`, `seq_balance_loss`, `router_z_loss`,
     `dropped_fraction`, `router_entropy`, `experts_per_token`, and per-expert vectors
     `expert_counts` [E] (assignments, the input of the aux-free bias update) and `expert_load` [E]
-    (the same as fractions of all assignments).
+    (the same as fractions of all assignments); each declared once in `moejax.moe.stats`.
     """
     c = self.config
     b, s, d = x.shape
@@ -103,7 +103,7 @@ class MoE(nnx.Module):
 
     with jax.named_scope("route"):
       routing = post_route(self.router(xt), c, tmask)
-    # The used choices of real tokens: what the losses, loads and dropped fraction count.
+    # The used slots of real tokens: what the losses, loads and dropped fraction count.
     slots = routing.mask if tmask is None else routing.mask & (tmask[:, None] > 0)  # [T, K]
     dispatch = DISPATCHES[c.dispatch]
     cap = routing.capacity
