@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,26 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moejax.testing import TINY_EXPERIMENT, experiment_flags, tiny_experiment_config
+from moejax.train.trainer import train_and_evaluate
 from tests.notebooks.test_quickstart_notebook import run_notebook
 
 REPO = Path(__file__).resolve().parents[2]
 
 # A shrunken tiny config: the real code path, a few seconds per run.
-SMALL = [
-  "--config.model.num_layers=2",
-  "--config.model.d_model=32",
-  "--config.model.num_heads=2",
-  "--config.model.num_kv_heads=2",
-  "--config.model.dense_hidden_dim=64",
-  "--config.model.moe.expert_hidden_dim=32",
-  "--config.model.moe.num_experts=4",
-  "--config.train.batch_size=8",
-  "--config.train.seq_len=32",
-  "--config.train.log_every=1",
-  "--config.train.eval_batches=2",
-  "--config.train.progress_bar=False",
-  "--config.data.max_bytes=400000",
-]
+SMALL = experiment_flags(TINY_EXPERIMENT)
 
 
 def _env(tmp_path):
@@ -111,6 +100,7 @@ def test_short_run_writes_everything(tmp_path, monkeypatch):
   assert out.stdout.startswith("def ") and len(out.stdout) > len("def ")
 
 
+@pytest.mark.slow  # three CLI runs, one killed mid-run; the fast tier resumes in-process below
 def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
   steps = [
     "--config.train.steps=10",
@@ -160,13 +150,36 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_run(tmp_path):
     np.testing.assert_allclose(resumed[step], ref_losses[step], rtol=1e-6, atol=0, err_msg=step)
 
 
+def test_resume_in_process_continues_the_run_exactly(tmp_path, monkeypatch):
+  """`train_and_evaluate` in this process: a run that lost its last checkpoint resumes from the one
+  before and retrains the lost steps to the same losses (the fast tier's resume check; the SIGKILL
+  one above runs the CLI twice)."""
+  monkeypatch.setenv("MOEJAX_CACHE", str(tmp_path / "cache"))
+  # jitter noise on, so the router RNG is part of what must be restored
+  config = tiny_experiment_config(
+    {"train.checkpoint_every": 2, "train.eval_batches": 1, "model.moe.jitter_noise": 0.01}
+  )
+  workdir = tmp_path / "run"
+  train_and_evaluate(config, workdir)
+  uninterrupted, _ = _losses(workdir)
+  assert sorted(uninterrupted) == [1, 2, 3, 4]
+  shutil.rmtree(workdir / "checkpoints" / "4")  # as if the run had died before saving step 4
+
+  train_and_evaluate(config, workdir)
+  resumed, _ = _losses(workdir)
+  assert sorted(resumed) == [1, 2, 3, 4]
+  for step in (3, 4):
+    np.testing.assert_allclose(resumed[step], uninterrupted[step], rtol=1e-6, atol=0, err_msg=step)
+
+
 @pytest.mark.parametrize(
   "override,message",
   [
     ("--config.train.stpes=3", "stpes"),
-    ("--config.model.moe.num_experts=many", "num_experts"),
+    # Each case starts a process; two of the four kinds of mistake in the fast tier.
+    pytest.param("--config.model.moe.num_experts=many", "num_experts", marks=pytest.mark.slow),
     ("--config.model.moe.router=sinkhorn", "MoEConfig.router='sinkhorn'"),
-    ("--config.data.source=web", "data.source"),
+    pytest.param("--config.data.source=web", "data.source", marks=pytest.mark.slow),
   ],
 )
 def test_bad_overrides_fail_fast(tmp_path, override, message):
