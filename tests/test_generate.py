@@ -64,7 +64,9 @@ def _tiny_model(**kw):
   return Transformer(cfg, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("scan_layers", [False, True])
+# Each generate() call compiles prefill and decoding (~10-20 s on 2 cores): the fast tier keeps the
+# unscanned greedy and the EOS checks; scanned and left-padded generation are slow.
+@pytest.mark.parametrize("scan_layers", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_greedy_generation_equals_recomputing_the_sequence(scan_layers):
   model = _tiny_model(scan_layers=scan_layers)
   model.eval()
@@ -82,6 +84,7 @@ def test_greedy_generation_equals_recomputing_the_sequence(scan_layers):
   np.testing.assert_array_equal(out, seq)
 
 
+@pytest.mark.slow
 def test_left_padded_prompts_generate_like_unpadded_ones():
   model = _tiny_model()
   short = jax.random.randint(jax.random.key(4), (1, 3), 1, 50)

@@ -26,6 +26,7 @@ def _load_bench():
   return module
 
 
+@pytest.mark.slow  # benchmark smoke test: the layer compiled on several meshes
 def test_main_writes_rows(tmp_path, capsys):
   out = tmp_path / "rows.json"
   returned = _load_bench().main(_TINY + ["--out", str(out)])

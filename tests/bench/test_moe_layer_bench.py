@@ -77,6 +77,7 @@ def test_main_writes_rows_and_plot(tmp_path, capsys):
   assert str(tmp_path / "rows.png") in printed.err
 
 
+@pytest.mark.slow  # benchmark smoke test
 def test_main_plot_none_one_dtype(tmp_path, capsys):
   out = tmp_path / "rows.json"
   argv = _TINY + ["--experts", "4", "--dtypes", "bfloat16", "--skip-hf", "--skip-capacity"]

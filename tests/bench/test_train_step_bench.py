@@ -23,6 +23,7 @@ def _load_bench():
   return module
 
 
+@pytest.mark.slow  # benchmark smoke test: train steps compiled and timed
 def test_main_writes_rows(tmp_path, capsys):
   out = tmp_path / "rows.json"
   returned = _load_bench().main(_TINY + ["--out", str(out)] + ([] if _HAS_HF else ["--skip-hf"]))

@@ -31,7 +31,7 @@ from tests.interop.test_hf import (  # noqa: F401  (saved: a fixture)
 pytest.importorskip("torch")
 
 
-@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("name", ["mixtral", pytest.param("deepseek_v3", marks=pytest.mark.slow)])
 def test_imported_model_runs_expert_parallel_on_a_mesh(name, saved):  # noqa: F811
   directory, hf = saved(name)
   model, config = load_hf(directory)
@@ -73,6 +73,7 @@ def test_imported_model_trains(saved):  # noqa: F811
   assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.1, losses
 
 
+@pytest.mark.slow  # a CLI training run
 def test_train_cli_starts_from_a_hf_checkpoint(tmp_path):
   """`--config.train.init_from_hf=DIR`: the run trains the checkpoint's model; with a zero learning
   rate its saved parameters are exactly the checkpoint's."""

@@ -43,6 +43,15 @@ CASES = {
   "eight_groups_all_rows_in_last": (50, 16, 24, (0, 0, 0, 0, 0, 0, 0, 50)),
 }
 
+# The fast tier's shapes: ragged groups with empty ones and rows past them, and (blas) the tall case
+# whose gradient is sliced along D. The one-group and all-rows-in-the-last-group shapes run in the
+# slow tier (test_layer.py's all-tokens-on-one-expert tests cover that edge in the fast one).
+FAST_CASES = ("ragged_with_empty_and_trailing_rows", "eight_groups_ragged", "tall")
+
+
+def _cases(names):
+  return [n if n in FAST_CASES else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
 
 # blas options that cut even these small shapes over `threads` threads.
 def _split(threads):
@@ -120,7 +129,7 @@ def _reference_gmm_and_grads(case):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case", _cases(CASES))
 def test_gmm_forward_and_grads_match_numpy_and_reference(backend, case):
   m, d, f, sizes = CASES[case]
   lhs, rhs, group_sizes, dout = _inputs(m, d, f, sizes)
@@ -424,7 +433,7 @@ BLAS_TALL_CASE = (45, 40, 24, (0, 17, 3, 0, 20))
 
 
 @pytest.mark.parametrize("threads", [2, 3, 7])
-@pytest.mark.parametrize("case", [*CASES, "tall"])
+@pytest.mark.parametrize("case", _cases([*CASES, "tall"]))
 def test_blas_split_over_threads_matches_numpy(case, threads):
   """Every way the host kernels cut a call across threads (row shares that straddle groups, more
   threads than rows, gradient slices along D or F) gives the per-group products."""
@@ -438,7 +447,7 @@ def test_blas_split_over_threads_matches_numpy(case, threads):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("case", [*CASES, "tall"])
+@pytest.mark.parametrize("case", _cases([*CASES, "tall"]))
 def test_blas_one_call_vjp_equals_the_two_kernels(case, threads):
   """`blas.gmm_multi_vjp` with one weight (the VJP `ops.gmm` uses for this backend) gives the
   numbers of gmm(dout, rhs, transpose_rhs=True) and tgmm(lhs, dout) bit for bit, on one thread
@@ -485,7 +494,7 @@ def _gmm_multi_and_grads(backend, lhs, rhss, group_sizes, douts, options=None):
 @pytest.mark.parametrize(
   ("backend", "threads"), [(b, None) for b in (*BACKENDS, "auto")] + [("blas", 1), ("blas", 3)]
 )
-@pytest.mark.parametrize("case", [*CASES, "tall"])
+@pytest.mark.parametrize("case", _cases([*CASES, "tall"]))
 def test_gmm_multi_matches_numpy(backend, threads, case):
   """gmm_multi against two weights of different widths: each output and every gradient (d lhs
   sums both weights' contributions) equal the float64 per-group loop, on every backend and, for

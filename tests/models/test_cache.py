@@ -136,7 +136,10 @@ def full_logits(kind):
   return _full_fn(graphdef)(state, *batch())
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unscanned", "scanned"])
+# Scanned decoding is the slow tier here; test_dense_scanned_bf16_cache decodes scanned in the fast one.
+@pytest.mark.parametrize(
+  "scan", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["unscanned", "scanned"]
+)
 @pytest.mark.parametrize("kind", ["gqa", "mla"])
 def test_decode_matches_full_forward(kind, scan):
   model = models(kind)[scan]

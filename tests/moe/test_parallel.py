@@ -92,7 +92,10 @@ def x():
   return jax.random.normal(jax.random.PRNGKey(1), (4, 16, D))
 
 
-@pytest.mark.parametrize("mesh", MESHES)
+# The fast tier runs one mesh (2x4); the others, and most layouts below, are the slow tier.
+@pytest.mark.parametrize(
+  "mesh", [m if m == "2x4" else pytest.param(m, marks=pytest.mark.slow) for m in MESHES]
+)
 @pytest.mark.parametrize(
   "kw",
   [dict(), dict(dispatch="capacity", capacity_factor=0.5)],
@@ -114,15 +117,24 @@ def test_mesh_equals_one_device(mesh, kw, x):
   "kw",
   [
     dict(router="expert_choice", capacity_factor=1.0),
-    dict(router="top_p", top_p=0.6, top_k=3),
-    dict(router="sigmoid", num_groups=4, topk_groups=2, routed_scaling_factor=2.5),
-    dict(num_shared_experts=1, shared_expert_gate=True, norm_topk_prob=False),
+    pytest.param(dict(router="top_p", top_p=0.6, top_k=3), marks=pytest.mark.slow),
+    pytest.param(
+      dict(router="sigmoid", num_groups=4, topk_groups=2, routed_scaling_factor=2.5),
+      marks=pytest.mark.slow,
+    ),
+    pytest.param(
+      dict(num_shared_experts=1, shared_expert_gate=True, norm_topk_prob=False),
+      marks=pytest.mark.slow,
+    ),
     # Switch scales by the raw top-1 probability. Renormalised, a top-1 weight is exactly 1 and
     # the router gets no gradient: both sides then compare rounding noise (~1e-6 on AVX-512).
-    dict(
-      activation="gelu", top_k=1, norm_topk_prob=False, dispatch="capacity", capacity_factor=1.0
+    pytest.param(
+      dict(
+        activation="gelu", top_k=1, norm_topk_prob=False, dispatch="capacity", capacity_factor=1.0
+      ),
+      marks=pytest.mark.slow,
     ),
-    dict(num_experts=16, top_k=4, expert_hidden_dim=8),
+    pytest.param(dict(num_experts=16, top_k=4, expert_hidden_dim=8), marks=pytest.mark.slow),
   ],
   ids=["expert_choice", "top_p", "sigmoid_grouped", "shared", "switch_capacity", "fine_grained"],
 )
@@ -131,6 +143,7 @@ def test_routers_and_experts_under_ep(kw, x):
   _assert_same(_run(cfg, MESHES["2x4"], x), _reference(cfg, x))
 
 
+@pytest.mark.slow
 def test_padding_is_not_dispatched_under_ep(x):
   mask = jnp.ones(x.shape[:2], jnp.int32).at[:, 11:].set(0).at[0, :5].set(0)
   cfg = _quick(dispatch="capacity", capacity_factor=0.75)
@@ -140,6 +153,7 @@ def test_padding_is_not_dispatched_under_ep(x):
   assert float(jnp.sum(got[2]["device_load"])) <= 2 * int(mask.sum())
 
 
+@pytest.mark.slow
 def test_expert_tensor_parallel_and_folding(x):
   """Experts' F split over `tensor` (psum), and MoE Parallel Folding: experts over expert x tensor."""
   cfg = _config()
@@ -154,6 +168,7 @@ def test_expert_tensor_parallel_and_folding(x):
   assert lay.expert_axes == ("expert", "tensor") and lay.tensor_axes == () and lay.ep_size == 4
 
 
+@pytest.mark.slow
 def test_ragged_transport_index_arithmetic_on_cpu(x, monkeypatch):
   """XLA:CPU cannot compile ragged_all_to_all; its semantics emulated by a padded all_to_all run
   the ragged transport's offsets and sizes, which must give the same result."""
@@ -190,6 +205,7 @@ def test_auto_transport_is_padded_on_cpu_and_ragged_lowers_for_accelerators():
   assert "ragged_all_to_all" not in texts["cpu"] and "all_to_all" in texts["cpu"]
 
 
+@pytest.mark.slow  # test_llep_plan_properties is the fast tier's LLEP check
 def test_llep_same_outputs_lower_max_load(x):
   ep = _run(_quick(), MESHES["1x8"], x, skew=3.0)
   llep = _run(_quick(llep_alpha=1.1, llep_slots=2), MESHES["1x8"], x, skew=3.0)

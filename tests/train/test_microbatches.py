@@ -61,7 +61,9 @@ def _whole_batch_step():
   return batch, _step(_trainer(_config(1, aux=False)), batch)
 
 
-@pytest.mark.parametrize("microbatches", [2, 4])
+# Every test here compiles whole train steps (~10-40 s on 2 cores): the fast tier keeps M=2, the
+# bit-reproducibility and thread-split tests; the rest are slow.
+@pytest.mark.parametrize("microbatches", [2, pytest.param(4, marks=pytest.mark.slow)])
 def test_microbatches_take_the_whole_batch_step_without_aux_losses(microbatches):
   batch, whole = _whole_batch_step()
   micro_trainer = _trainer(_config(microbatches, aux=False))
@@ -79,6 +81,7 @@ def test_microbatches_take_the_whole_batch_step_without_aux_losses(microbatches)
   np.testing.assert_array_equal(m1["load_imbalance"], m2["load_imbalance"])
 
 
+@pytest.mark.slow
 def test_microbatch_gradient_is_the_token_weighted_mean_of_the_slices():
   """With the auxiliary losses on, the step's gradient is sum_i n_i / N * grad(loss_i + aux_i),
   computed here from the model on each slice."""
@@ -155,6 +158,7 @@ def test_threaded_microbatches_split_the_cores_between_them(monkeypatch):
   assert seen and set(seen) == {4}
 
 
+@pytest.mark.slow
 def test_microbatches_keep_the_rng_keys_and_draw_their_own_noise():
   batch = _batch(seed=2)
   one = _trainer(_config(1, jitter=0.05))
@@ -177,6 +181,7 @@ def test_microbatches_keep_the_rng_keys_and_draw_their_own_noise():
   assert not np.array_equal(np.asarray(r0["router_entropy"]), np.asarray(r1["router_entropy"]))
 
 
+@pytest.mark.slow  # two trainers on a 2x2 mesh
 def test_microbatches_on_a_mesh_run_in_turn():
   """On several devices the micro-batches run one after the other (no threads), expert
   parallelism included, and still take the whole batch's step."""
