@@ -95,6 +95,9 @@ def _initial(workdir, config):
   return surgery.canonical(model)
 
 
+# The tests that use `first_run` train it and then start a second run from it (~50 s on 2 cores):
+# slow tier. The surgery function test below is the fast tier's init_from check.
+@pytest.mark.slow
 def test_a_run_starts_from_another_run(tmp_path, first_run):
   config = tiny_experiment_config(
     {"train.steps": 1, "train.learning_rate": 0.0, "train.init_from": f"run:{first_run}"}
@@ -119,6 +122,7 @@ def test_a_run_starts_from_a_surgery_function(tmp_path):
   np.testing.assert_array_equal(got["blocks.1.moe.router.kernel"], 0.0)
 
 
+@pytest.mark.slow
 def test_init_from_a_run_of_another_shape_fails_naming_the_paths(tmp_path, first_run):
   config = tiny_experiment_config(
     {"train.steps": 1, "model.moe.num_experts": 2, "train.init_from": f"run:{first_run}"}
