@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from moejax.generate import generate, sample_logits
-from moejax.models import ModelConfig, Transformer
-from moejax.moe import MoEConfig
+from moejax.models import Transformer
+from moejax.testing import tiny_model_config, tiny_moe_config
 
 torch = pytest.importorskip("torch")
 generation = pytest.importorskip("transformers.generation.logits_process")
@@ -49,17 +49,10 @@ def test_greedy_is_argmax_and_sampling_follows_the_probabilities():
 
 
 def _tiny_model(**kw):
-  moe = MoEConfig(d_model=32, num_experts=4, top_k=2, expert_hidden_dim=32)
-  cfg = ModelConfig(
-    vocab_size=50,
-    d_model=32,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    dense_hidden_dim=64,
-    first_k_dense=1,
-    moe=moe,
-    **kw,
+  # Layer 0 dense, layers 1-2 MoE (F=32), V=50, dense F=64; otherwise the shared tiny shapes.
+  moe = tiny_moe_config(expert_hidden_dim=32)
+  cfg = tiny_model_config(
+    vocab_size=50, num_layers=3, dense_hidden_dim=64, first_k_dense=1, moe=moe, **kw
   )
   return Transformer(cfg, rngs=nnx.Rngs(0))
 

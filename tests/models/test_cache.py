@@ -17,27 +17,18 @@ import pytest
 from flax import nnx
 
 from moejax.models import MLA, ModelConfig, Transformer, stack_layers
-from moejax.moe import MoEConfig
+from moejax.testing import tiny_model_config, tiny_moe_config
 
 RTOL = 1e-5
 B, S, V, D, E = 2, 8, 64, 32, 4
 PREFILL, MAX_LEN = 5, 10  # prompt slots filled in one call, then S - PREFILL decoding steps
 PAD = 3  # row 1 starts with PAD padding tokens
 
-MOE = MoEConfig(d_model=D, num_experts=E, top_k=2, expert_hidden_dim=16)
+MOE = tiny_moe_config()  # D=32, E=4, K=2, F=16
 YARN = (("factor", 4.0), ("original_max_position_embeddings", 4), ("rope_type", "yarn"))
 # Layer 0 dense, layers 1-2 MoE: scanned, a dense prefix and two scanned periods.
-GQA = ModelConfig(
-  vocab_size=V,
-  d_model=D,
-  num_layers=3,
-  num_heads=4,
-  num_kv_heads=2,
-  dense_hidden_dim=48,
-  moe=MOE,
-  first_k_dense=1,
-  qk_norm="head",
-)
+GQA = tiny_model_config(num_layers=3, moe=MOE, first_k_dense=1, qk_norm="head")
+assert (GQA.vocab_size, GQA.d_model, MOE.num_experts) == (V, D, E)
 MLA_CONFIG = GQA.replace(
   num_kv_heads=None,
   qk_norm=None,

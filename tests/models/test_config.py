@@ -6,9 +6,10 @@ import pytest
 
 from moejax.models import ModelConfig
 from moejax.moe import MoEConfig
+from moejax.testing import tiny_moe_config
 
 BASE = dict(vocab_size=64, d_model=32, num_layers=4, num_heads=4, dense_hidden_dim=48)
-MOE = MoEConfig(d_model=32, num_experts=4, top_k=2, expert_hidden_dim=16)
+MOE = tiny_moe_config()  # D=32, E=4, K=2, F=16
 MLA = dict(attention="mla", kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
 YARN = {"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096}
 

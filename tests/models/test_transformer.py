@@ -23,24 +23,17 @@ from moejax.models import (
   unstack_layers,
 )
 from moejax.moe import AuxFreeBias, MoEConfig
+from moejax.testing import tiny_model_config, tiny_moe_config
 
 RTOL = 1e-5
 B, S, V, D, E = 2, 8, 64, 32, 4
 
-MOE = MoEConfig(
-  d_model=D, num_experts=E, top_k=2, expert_hidden_dim=16, router="sigmoid", aux_free_bias=True
+MOE = tiny_moe_config(router="sigmoid", aux_free_bias=True)  # D=32, E=4, K=2, F=16
+# Dense, two layers (V=64, D=32, H=4, 2 kv heads, dense F=48).
+BASE = tiny_model_config(
+  moe=None, load_balance_coef=0.01, seq_balance_coef=0.003, z_loss_coef=0.002
 )
-BASE = ModelConfig(
-  vocab_size=V,
-  d_model=D,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  dense_hidden_dim=48,
-  load_balance_coef=0.01,
-  seq_balance_coef=0.003,
-  z_loss_coef=0.002,
-)
+assert (BASE.vocab_size, BASE.d_model, MOE.num_experts) == (V, D, E)
 # Layers 0 dense | (1 MoE, 2 dense) x 2 scanned periods | 5 MoE: prefix, scan and suffix all used.
 PATTERN = BASE.replace(num_layers=6, moe=MOE, first_k_dense=1, moe_every=2)
 
