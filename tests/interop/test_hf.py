@@ -316,7 +316,7 @@ def test_save_pretrained_fused_format(saved, tmp_path):
   assert_logits_close(moejax_logits(model, toks), hf_logits(hf, toks))
 
 
-@pytest.mark.parametrize("name", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("name", [pytest.param("mixtral", marks=pytest.mark.slow), "deepseek_v3"])
 def test_scan_layers(name, saved):
   """Mixtral: all layers scanned, with router-jitter RNG state; DeepSeek-V3: a dense prefix."""
   directory, hf = saved(name)
