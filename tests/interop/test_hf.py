@@ -581,3 +581,19 @@ def test_save_hf_unsupported_config(tmp_path):
       save_hf(None, config, tmp_path)
   with pytest.raises(ValueError, match="'llama' cannot be exported"):
     config_to_hf(dense, "llama")
+
+
+def test_export_refuses_layers_with_their_own_moe_config():
+  """transformers' families describe every MoE layer by one config: a model whose layers have their
+  own number of experts cannot be exported, and the error says why; identical layers can."""
+  from moejax.interop import config_to_hf
+
+  base = dict(
+    vocab_size=64, d_model=16, num_layers=2, num_heads=2, dense_hidden_dim=32,
+    moe=dict(num_experts=4, top_k=2, expert_hidden_dim=8),
+  )  # fmt: skip
+  hetero = ModelConfig.from_config(base | dict(layers=({"moe": {}}, {"moe": {"num_experts": 2}})))
+  with pytest.raises(ValueError, match=r"mixtral: its layers have their own block specs"):
+    config_to_hf(hetero)
+  same = ModelConfig.from_config(base | dict(layers=({"moe": {}}, {"moe": {}})))
+  assert config_to_hf(same)["model_type"] == "mixtral"
