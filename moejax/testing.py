@@ -74,8 +74,8 @@ def _set(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
   *parents, leaf = path.split(".")
   node = config
   for name in parents:
-    node = node[name]
-  node[leaf] = value
+    node = getattr(node, name)
+  setattr(node, leaf, value)  # AttributeError with a "did you mean" on a locked config
 
 
 def tiny_experiment_config(
@@ -85,16 +85,17 @@ def tiny_experiment_config(
 
   Four steps, an evaluation, a checkpoint and no plots at the end, unscanned layers (faster to
   compile for two layers). `overrides` maps dotted paths to values (`{"train.steps": 6,
-  "model.moe.router": "sigmoid"}`), applied last; the result is locked unless `lock=False`, so a
-  misspelt path fails with a hint.
+  "model.moe.router": "sigmoid"}`), applied last, to a locked config, so a misspelt path fails
+  with a hint; `lock=False` unlocks the result for adding fields.
   """
   config = base_config()
+  config.lock()
   config.model.scan_layers = False
   config.train.update(steps=4, eval_every=4, checkpoint_every=4, plots=False)
   for path, value in {**TINY_EXPERIMENT, **(overrides or {})}.items():
     _set(config, path, value)
-  if lock:
-    config.lock()
+  if not lock:
+    config.unlock()
   return config
 
 
