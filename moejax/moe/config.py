@@ -22,6 +22,23 @@ def _fail(field: str, value: Any, allowed: str) -> None:
   raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
 
 
+def _options(field: str, value: Any, declared, owner: str) -> tuple[tuple[str, Any], ...]:
+  """`value` (pairs or a dict; lists from a JSON round trip) as sorted pairs of declared names."""
+  items = value.items() if isinstance(value, dict) else value
+  try:
+    pairs = tuple(sorted((k, v) for k, v in (tuple(p) for p in items)))
+    hash(pairs)
+  except (TypeError, ValueError):
+    _fail(field, value, "must be (name, value) pairs or a dict of hashable values")
+  allowed = ", ".join(f"{k} (default {v!r})" for k, v in declared.items()) or "none"
+  for name, _ in pairs:
+    if name not in declared:
+      _fail(field, value, f"{owner} has no option {name!r}; its options: {allowed}")
+  if len({k for k, _ in pairs}) != len(pairs):
+    _fail(field, value, "names an option twice")
+  return pairs
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MoEConfig:
   """One MoE layer. Dimension names follow DESIGN.md (D model, E experts, K per token, F hidden).
@@ -46,6 +63,9 @@ class MoEConfig:
   router_logits: str = "linear"
   # Post-routing transforms applied after the padding mask, in order (`register_post_routing`).
   post_routing: tuple[str, ...] = ()
+  # Options of a registered router, as (name, value) pairs (a dict is accepted); the router declares
+  # their names and defaults (`register_router(..., options=...)`).
+  router_options: tuple[tuple[str, Any], ...] = ()
   # Renormalise the selected experts' weights to sum to one (Mixtral, DeepSeek-V3: yes; Qwen2-MoE,
   # OLMoE, Switch: no).
   norm_topk_prob: bool = True
@@ -67,6 +87,9 @@ class MoEConfig:
   # Routed expert kind, a name registered with `moejax.moe.register_expert_kind`: glu (gated FFN),
   # mlp (plain FFN), or auto = glu for gated activations, mlp otherwise.
   expert_kind: str = "auto"
+  # Options of the expert kind, as (name, value) pairs (a dict is accepted), e.g. a low-rank
+  # kind's rank; the kind declares their names and defaults (`register_expert_kind(..., options=)`).
+  expert_options: tuple[tuple[str, Any], ...] = ()
   # Expert FFN activation: swiglu | geglu (gated: the experts have `w_gate`) | gelu | relu.
   activation: str = "swiglu"
   # Shared experts that every token passes through (DeepSeekMoE, Qwen2-MoE); 0 = none.
@@ -197,9 +220,14 @@ class MoEConfig:
       _fail("aux_free_bias", True, f"is only defined for routers {biasable}")
     if self.aux_free_bias_rate < 0:
       _fail("aux_free_bias_rate", self.aux_free_bias_rate, "must be >= 0")
+    kind = EXPERT_KINDS[self.resolved_expert_kind]
+    for field, entry, name in (
+      ("router_options", router, f"router={self.router!r}"),
+      ("expert_options", kind, f"expert_kind={self.resolved_expert_kind!r}"),
+    ):
+      object.__setattr__(self, field, _options(field, getattr(self, field), entry.options, name))
     if router.validate is not None:
       router.validate(self)
-    kind = EXPERT_KINDS[self.resolved_expert_kind]
     if kind.validate is not None:
       kind.validate(self)
 
@@ -220,6 +248,17 @@ class MoEConfig:
     """Total hidden width of the fused shared-expert FFN."""
     per_expert = self.shared_expert_hidden_dim or self.expert_hidden_dim
     return self.num_shared_experts * per_expert
+
+  def router_option(self, name: str) -> Any:
+    """The router's option `name`: from `router_options`, else the router's declared default."""
+    return dict(self.router_options).get(name, ROUTERS[self.router].options[name])
+
+  def expert_option(self, name: str) -> Any:
+    """The expert kind's option `name`: from `expert_options`, else the kind's declared default."""
+    from moejax.moe.experts import EXPERT_KINDS
+
+    kind = EXPERT_KINDS[self.resolved_expert_kind]
+    return dict(self.expert_options).get(name, kind.options[name])
 
   def capacity(self, num_tokens: int) -> int:
     """Per-expert capacity C = ceil(T * K / E * capacity_factor), at most T (a token visits an expert

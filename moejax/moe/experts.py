@@ -20,7 +20,8 @@ shard_map specs from the leaves' logical axes and moves experts by mapping over 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -116,6 +117,8 @@ class ExpertKind:
     checkpoint_names: each leaf's per-expert projection name in released checkpoints (Hugging Face
       `experts.{e}.<name>.weight`), for the importer.
     validate: `config -> None`, raising ValueError for settings the kind cannot honour.
+    options: the kind's own settings with their defaults (set by `MoEConfig.expert_options`, read
+      by `config.expert_option(name)`, e.g. a low-rank kind's rank).
   """
 
   name: str
@@ -124,6 +127,7 @@ class ExpertKind:
   apply_capacity: Callable[..., jax.Array] | None = None
   checkpoint_names: tuple[tuple[str, str], ...] = ()
   validate: Callable[[MoEConfig], None] | None = None
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def capacity(self, params, buffer: jax.Array, config: MoEConfig) -> jax.Array:
     """The kind on a capacity buffer [E, C, D] -> [E, C, D]."""
@@ -145,6 +149,7 @@ def register_expert_kind(
   apply_capacity: Callable[..., jax.Array] | None = None,
   checkpoint_names: dict[str, str] | None = None,
   validate: Callable[[MoEConfig], None] | None = None,
+  options: Mapping[str, Any] | None = None,
 ) -> ExpertKind:
   """Registers an expert kind under `name` (`MoEConfig.expert_kind=name` picks it); returns it.
 
@@ -152,7 +157,7 @@ def register_expert_kind(
   existing name replaces it.
   """
   names = tuple((checkpoint_names or {}).items())
-  kind = ExpertKind(name, params, apply, apply_capacity, names, validate)
+  kind = ExpertKind(name, params, apply, apply_capacity, names, validate, dict(options or {}))
   EXPERT_KINDS[name] = kind
   return kind
 

@@ -28,7 +28,7 @@ All math is float32 whatever the activation dtype. Implemented routers:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -257,7 +257,8 @@ class RouterSpec:
   (None unless `MoEConfig.aux_free_bias`). `fields` names the `MoEConfig` fields it reads (shown in
   errors and docs); `biasable`: a bias can steer its selection (it picks a fixed K by score);
   `grouped`: it implements group-limited routing (`num_groups` > 1); `validate(config)`, if given,
-  raises ValueError for settings it cannot honour.
+  raises ValueError for settings it cannot honour; `options` declares its own settings with their
+  defaults (set by `MoEConfig.router_options`, read by `config.router_option(name)`).
   """
 
   name: str
@@ -266,6 +267,7 @@ class RouterSpec:
   biasable: bool = False
   grouped: bool = False
   validate: Callable[[Any], None] | None = None
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 ROUTERS: dict[str, RouterSpec] = {}
@@ -280,6 +282,7 @@ def register_router(
   biasable: bool = False,
   grouped: bool = False,
   validate: Callable[[Any], None] | None = None,
+  options: Mapping[str, Any] | None = None,
 ) -> RouterSpec:
   """Registers a selection rule under `name` (`MoEConfig.router=name` picks it); returns its spec.
 
@@ -290,7 +293,7 @@ def register_router(
 
   Registering an existing name replaces it (so a notebook cell can be rerun).
   """
-  spec = RouterSpec(name, select, tuple(fields), biasable, grouped, validate)
+  spec = RouterSpec(name, select, tuple(fields), biasable, grouped, validate, dict(options or {}))
   ROUTERS[name] = spec
   return spec
 

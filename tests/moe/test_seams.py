@@ -38,7 +38,9 @@ jax.config.update("jax_enable_x64", False)
 def _scaled_params(c: MoEConfig) -> dict[str, ParamSpec]:
   init = jax.nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=-2, out_axis=-1,
                                               batch_axis=(0,))  # fmt: skip
-  scale_init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, 0.5, 1.5)
+  # The kind's own option: the upper end of the scales' initial range.
+  high = c.expert_option("scale_high")
+  scale_init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, 0.5, high)
   return {
     "w_up": ParamSpec(
       (c.num_experts, c.d_model, c.expert_hidden_dim), ("expert", "embed", "mlp"), init
@@ -60,7 +62,7 @@ def _scaled_apply(p, x, group_sizes, c: MoEConfig):
   return y * p["scale"][expert][:, None]
 
 
-register_expert_kind("scaled_mlp", _scaled_params, _scaled_apply)
+register_expert_kind("scaled_mlp", _scaled_params, _scaled_apply, options={"scale_high": 1.5})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,3 +207,36 @@ def test_routing_from_expert_choice_passes_through_jit(x):
   assert routing.capacity == cfg.capacity(x.shape[0] * x.shape[1])
   back = jax.jit(lambda r: r)(routing)
   np.testing.assert_array_equal(back.expert_ids, routing.expert_ids)
+
+
+def test_the_kinds_option_is_settable_from_the_command_line():
+  """A field of MoEConfig (`expert_options`) carries the test-registered kind's own option from
+  `--config.model.moe.*` to the layer, through the experiment config as the CLI parses it."""
+  from pathlib import Path
+
+  from absl import flags
+  from ml_collections import config_flags
+
+  from moejax.train.trainer import build_model_config
+
+  experiments = Path(__file__).resolve().parents[2] / "experiments"
+  argv = [
+    "prog",
+    f"--config={experiments / 'mixtral.py'}:tiny",
+    "--config.model.moe.expert_kind=scaled_mlp",
+    "--config.model.moe.activation=relu",
+    "--config.model.moe.expert_options=(('scale_high', 4.0),)",
+  ]
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+    "config", None, "", flag_values=flag_values, lock_config=True, sys_argv=argv
+  )
+  flag_values(argv)
+  moe = build_model_config(flag_values.config, 264).moe
+  assert moe.expert_kind == "scaled_mlp" and moe.expert_option("scale_high") == 4.0
+  layer = MoE(moe.replace(d_model=D, expert_hidden_dim=F), rngs=nnx.Rngs(0))
+  assert float(jnp.max(layer.experts.scale[...])) > 1.5  # drawn from [0.5, 4.0), not [0.5, 1.5)
+  with pytest.raises(
+    ValueError, match=r"expert_kind='scaled_mlp' has no option 'rank'.*scale_high"
+  ):
+    moe.replace(expert_options={"rank": 2})
