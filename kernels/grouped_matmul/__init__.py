@@ -8,6 +8,7 @@ host grouped matmul splits over (`set_host_threads`, `host_threads`), and a scop
 that run several XLA programs side by side (`limit_host_threads`).
 """
 
+from moejax.kernels.grouped_matmul import pallas_gpu as _pallas_gpu  # noqa: F401  (registers the backend)
 from moejax.kernels.grouped_matmul import pallas_tpu as _pallas_tpu  # noqa: F401  (registers the backend)
 from moejax.kernels.grouped_matmul.blas import limit_threads as limit_host_threads
 from moejax.kernels.grouped_matmul.blas import num_threads as host_threads
