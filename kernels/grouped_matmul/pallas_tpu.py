@@ -29,9 +29,12 @@ Expert parallelism. `group_offset` (an int or a traced int32 scalar) says that t
 groups [group_offset, group_offset + E_local) of the `group_sizes` list, which describes the whole
 [M] row list; rhs (gmm) and the output (tgmm) hold only the local E_local groups.
 
-Options (`Backend.options`): `tm`, `tk`, `tn` (tile sizes; defaults 512, 1024, 1024 as MaxText's
-megablox fork uses; never tuned on hardware here) and `interpret` (False: Mosaic; True, or a
-`pltpu.InterpretParams`, runs the kernels in Pallas's interpreter, on CPU too).
+Options (`Backend.options`): `tm`, `tk`, `tn`, the tile sizes (defaults 512, 1024, 1024, as
+MaxText's megablox fork; not tuned on hardware here); `interpret` (False: Mosaic; True, or a
+`pltpu.InterpretParams`, runs the kernels in Pallas's interpreter, on CPU too); `vmem_limit_bytes`,
+Mosaic's scoped VMEM limit (None: the compiler's default). With the default tiles the TPU compiler
+(libtpu, run from a CPU host) fits bfloat16 in the default limit on v5e, v6e and v5p; float32 needs
+18-20 MiB, over v5e's and v5p's 16 MiB default: pass smaller tiles or `vmem_limit_bytes=32 << 20`.
 """
 
 from typing import Any, NamedTuple
@@ -44,7 +47,13 @@ from jax.experimental.pallas import tpu as pltpu
 
 from moejax.kernels.grouped_matmul import ops
 
-OPTIONS: dict[str, Any] = {"tm": 512, "tk": 1024, "tn": 1024, "interpret": False}
+OPTIONS: dict[str, Any] = {
+  "tm": 512,
+  "tk": 1024,
+  "tn": 1024,
+  "interpret": False,
+  "vmem_limit_bytes": None,
+}
 
 # The TPU block rule: a block's last two dims are multiples of (8, 128) (or the full dimension).
 _SUBLANES, _LANES = 8, 128
@@ -157,6 +166,7 @@ def gmm(
   tk: int = OPTIONS["tk"],
   tn: int = OPTIONS["tn"],
   interpret: bool | pltpu.InterpretParams = OPTIONS["interpret"],
+  vmem_limit_bytes: int | None = OPTIONS["vmem_limit_bytes"],
 ) -> jax.Array:
   """`[M, K] x [E_local, K, N] -> [M, N]`, rows of group e times rhs[e - group_offset].
 
@@ -169,6 +179,7 @@ def gmm(
     group_offset: the first of this device's groups in `group_sizes`.
     tm, tk, tn: tile sizes (multiples of 8, 128, 128).
     interpret: run in Pallas's interpreter (CPU).
+    vmem_limit_bytes: Mosaic's scoped VMEM limit (None: the compiler's default, 16 MiB on v5e).
 
   Returns:
     `[M, N]`; rows outside the local groups (at or past sum(group_sizes) included) are zero.
@@ -232,7 +243,8 @@ def gmm(
       scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
     ),
     compiler_params=pltpu.CompilerParams(
-      dimension_semantics=("parallel", "arbitrary", "arbitrary")
+      dimension_semantics=("parallel", "arbitrary", "arbitrary"),
+      vmem_limit_bytes=vmem_limit_bytes,
     ),
     interpret=interpret,
     cost_estimate=pl.CostEstimate(
@@ -261,6 +273,7 @@ def tgmm(
   tk: int = OPTIONS["tk"],
   tn: int = OPTIONS["tn"],
   interpret: bool | pltpu.InterpretParams = OPTIONS["interpret"],
+  vmem_limit_bytes: int | None = OPTIONS["vmem_limit_bytes"],
 ) -> jax.Array:
   """`[M, K], [M, N] -> [E_local, K, N]`: out[e - group_offset] = lhs_e^T @ grad_e.
 
@@ -275,6 +288,7 @@ def tgmm(
       a Python int, else E).
     tm, tk, tn: tile sizes (multiples of 8, 128, 128); tk tiles K and tn tiles N.
     interpret: run in Pallas's interpreter (CPU).
+    vmem_limit_bytes: Mosaic's scoped VMEM limit (None: the compiler's default, 16 MiB on v5e).
 
   Returns:
     `[E_local, K, N]`; a group with no rows gets exact zeros.
@@ -339,7 +353,8 @@ def tgmm(
       scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
     ),
     compiler_params=pltpu.CompilerParams(
-      dimension_semantics=("parallel", "arbitrary", "arbitrary")
+      dimension_semantics=("parallel", "arbitrary", "arbitrary"),
+      vmem_limit_bytes=vmem_limit_bytes,
     ),
     interpret=interpret,
     cost_estimate=pl.CostEstimate(

@@ -333,3 +333,41 @@ def test_small_tiles_and_remainders_lower_for_tpu():
   assert _tpu_kernel_calls(fn, ((37, 130), _BF16), ((3, 130, 130), _BF16), ((3,), jnp.int32)) == 1
   fn = lambda x, dy, gs: pallas_tpu.tgmm(x, dy, gs, **TILES)
   assert _tpu_kernel_calls(fn, ((37, 130), _BF16), ((37, 130), _BF16), ((3,), jnp.int32)) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Compiled by the real TPU compiler without a TPU (catches VMEM overflow, which lowering does not).
+# Needs libtpu, which the dev environment does not install: e.g.
+#   pip install --no-deps --target /tmp/libtpu "libtpu==0.0.42.*"
+#   PYTHONPATH=/tmp/libtpu python -m pytest tests/kernels/test_pallas_tpu.py -m slow -k compile
+# ------------------------------------------------------------------------------------------------
+
+
+def _compile_for_tpu(topology: str, fn, *shapes):
+  pytest.importorskip("libtpu")
+  from jax.experimental import topologies
+
+  device = topologies.get_topology_desc(topology, "tpu").devices[0]
+  sharding = jax.sharding.SingleDeviceSharding(device)
+  args = [jax.ShapeDtypeStruct(s, d, sharding=sharding) for s, d in shapes]
+  return jax.jit(fn).trace(*args).lower().compile()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["v5e:2x2", "v6e:2x2", "v5p:2x2x1"])
+def test_default_tiles_compile_for_tpu_in_bfloat16(topology):
+  def fn(x, w, gs):
+    loss = lambda x, w: jnp.sum(gmm(x, w, gs, backend="pallas_tpu").astype(jnp.float32) ** 2)
+    return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
+
+  _compile_for_tpu(topology, fn, ((M, D), _BF16), ((E, D, F), _BF16), ((E,), jnp.int32))
+
+
+@pytest.mark.slow
+def test_float32_default_tiles_compile_for_v5e_with_a_larger_vmem_limit():
+  """float32 doubles every tile: 18 MiB of scoped VMEM against v5e's default 16 MiB."""
+  shapes = (((M, D), jnp.float32), ((E, D, F), jnp.float32), ((E,), jnp.int32))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="CompileTimeScopedVmemOom"):
+    _compile_for_tpu("v5e:2x2", lambda x, w, gs: pallas_tpu.gmm(x, w, gs), *shapes)
+  fn = lambda x, w, gs: pallas_tpu.gmm(x, w, gs, vmem_limit_bytes=32 << 20)
+  _compile_for_tpu("v5e:2x2", fn, *shapes)
