@@ -183,12 +183,11 @@ def gmm(
   rhs = _pad_to(rhs, (num_local, np_, kp) if transpose_rhs else (num_local, kp, np_))
 
   # Group metadata (jnp, outside the kernel): local group of every row, -1 for none.
-  starts, ends = _group_bounds(group_sizes, group_offset, num_local, m)  # [E_local] each
+  # A row's global group is the number of group ends at or before it (E past the clipped total).
+  ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), m)  # [E]
   rows = jnp.arange(mp, dtype=jnp.int32)  # [Mp]
-  member = (rows[:, None] >= starts[None, :]) & (rows[:, None] < ends[None, :])  # [Mp, E_local]
-  row_group = jnp.where(
-    jnp.any(member, axis=1), jnp.argmax(member, axis=1).astype(jnp.int32), -1
-  )  # [Mp]
+  local = jnp.searchsorted(ends, rows, side="right").astype(jnp.int32) - group_offset  # [Mp]
+  row_group = jnp.where((local >= 0) & (local < num_local), local, -1)  # [Mp]
   tiles = row_group.reshape(mp // bm, bm)  # [num_row_tiles, bm]
   first = jnp.min(jnp.where(tiles >= 0, tiles, num_local), axis=1).astype(jnp.int32)
   last = jnp.max(tiles, axis=1).astype(jnp.int32)  # -1 (no iteration) when the tile has none

@@ -199,6 +199,30 @@ def test_gmm_multi_and_grads():
   assert _rel_err(dv, _numpy_tgmm(lhs[:total], np_gate, sizes)) < F32_TOL
 
 
+@pytest.mark.slow
+def test_random_group_sizes_one_compilation():
+  """Random splits of at most M rows into E groups (zeros, tiny groups, NaN rows past the sum),
+  all through one jitted gmm + tgmm: group sizes are data."""
+  m, d, f, e = 40, 24, 40, 5
+  rng = np.random.default_rng(7)
+  run = jax.jit(
+    lambda x, w, g, gs: (pallas_gpu.gmm(x, w, gs, **SMALL), pallas_gpu.tgmm(x, g, gs, **SMALL))
+  )
+  for seed in range(12):
+    cuts = np.sort(rng.integers(0, m + 1, size=e))  # group ends, the last one <= M
+    sizes = np.diff(cuts, prepend=0)
+    sizes[rng.random(e) < 0.3] = 0
+    total = int(sizes.sum())
+    lhs, rhs, group_sizes, grad = _inputs(m, d, f, tuple(int(s) for s in sizes), seed=seed)
+    out, dw = run(lhs, rhs, grad, group_sizes)
+    assert _rel_err(out[:total], _numpy_gmm(lhs[:total], rhs, sizes)) < F32_TOL
+    np.testing.assert_array_equal(out[total:], 0.0)
+    assert _rel_err(dw, _numpy_tgmm(lhs[:total], grad[:total], sizes)) < F32_TOL
+    for g in np.flatnonzero(sizes == 0):
+      np.testing.assert_array_equal(dw[g], 0.0)
+  assert run._cache_size() == 1
+
+
 @pytest.mark.parametrize("transpose_rhs", [False, True])
 def test_group_offset(transpose_rhs):
   """An expert-parallel shard: rhs holds groups 2..4 of 7. Rows of other groups are exactly zero;
