@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from moejax.kernels.grouped_matmul import ops
+from moejax.kernels.grouped_matmul.common import to_common_varying_axes
 
 OPTIONS: dict[str, Any] = {
   "tm": 512,
@@ -146,6 +147,19 @@ def _row_mask(visits, i, tm: int, width: int) -> jax.Array:
   return (rows >= visits[2][i]) & (rows < visits[3][i])
 
 
+def _common_operands(visits: _Visits, *arrays) -> list[jax.Array]:
+  """The pallas_call's operands (the visit list, then the matrices), cast to vary over the same
+  `shard_map` axes (no-op outside `shard_map`), so that the output's type can be theirs."""
+  return to_common_varying_axes(visits.group, visits.tile, visits.start, visits.end, *arrays)
+
+
+def _out_shape(shape, dtype, operands) -> jax.ShapeDtypeStruct:
+  """Inside `shard_map(check_vma=True)` a pallas_call's output must say which manual axes it
+  varies over: those of its operands."""
+  manual = getattr(jax.typeof(operands[-1]), "manual_axis_type", None)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
+
+
 def _interpret(value):
   if value is True or value is False or isinstance(value, pltpu.InterpretParams):
     return value
@@ -232,9 +246,10 @@ def gmm(
     return tile[i], n_i
 
   rhs_block = (None, tn, tk) if transpose_rhs else (None, tk, tn)
+  operands = _common_operands(visits, lhs, rhs)
   out = pl.pallas_call(
     kernel,
-    out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
+    out_shape=_out_shape((m_pad, n_pad), out_dtype, operands),
     grid_spec=pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=4,
       grid=(n_pad // tn, visits.count, tiles_k),
@@ -254,7 +269,7 @@ def gmm(
       + m_pad * n_pad * out_dtype.itemsize,
       transcendentals=0,
     ),
-  )(visits.group, visits.tile, visits.start, visits.end, lhs, rhs)
+  )(*operands)
   out = out[:m, :n]
   rows = jnp.arange(m, dtype=jnp.int32)[:, None]  # [M, 1]
   owned = (rows >= visits.rows[0]) & (rows < visits.rows[1])
@@ -342,9 +357,10 @@ def tgmm(
   def out_index(n_i, k_i, i, group, tile, start, end):
     return group[i], k_i, n_i
 
+  operands = _common_operands(visits, lhs, grad)
   out = pl.pallas_call(
     kernel,
-    out_shape=jax.ShapeDtypeStruct((num_local_groups, k_pad, n_pad), out_dtype),
+    out_shape=_out_shape((num_local_groups, k_pad, n_pad), out_dtype, operands),
     grid_spec=pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=4,
       grid=(n_pad // tn, k_pad // tk, visits.count),
@@ -364,7 +380,7 @@ def tgmm(
       + num_local_groups * k_pad * n_pad * out_dtype.itemsize,
       transcendentals=0,
     ),
-  )(visits.group, visits.tile, visits.start, visits.end, lhs, grad)
+  )(*operands)
   return out[:, :k, :n]
 
 

@@ -10,7 +10,8 @@ Tolerances (relative to the largest |expected| entry, as in test_gmm.py):
 
 Interpret mode is slow to trace and run, so shapes are tiny and tiles small (tm=8, tk=tn=128): M up
 to 64, D and F of 128, 256 and 130 (a K and an N remainder). The slow tier adds the remaining
-shape cases, a second bfloat16 case and gmm_multi.
+shape cases, a second bfloat16 case, gmm_multi, an expert-parallel run under shard_map, and (with
+libtpu importable) compiles for TPU.
 """
 
 import functools
@@ -198,6 +199,57 @@ def test_group_offset_computes_only_the_local_groups():
   np.testing.assert_array_equal(np.asarray(out[:10]), 0.0)  # group 1's rows
   np.testing.assert_array_equal(np.asarray(out[29:]), 0.0)  # rows past the groups
   np.testing.assert_array_equal(np.asarray(dw[0]), 0.0)  # group 2 is empty
+
+
+def _expert_parallel(mesh, check_vma, **options):
+  """gmm and tgmm on two shards of two experts each: group_offset from the axis index, the local
+  products summed (gmm: each row is one shard's, zero on the other) or stacked (tgmm)."""
+  spec = jax.sharding.PartitionSpec
+
+  @functools.partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(spec(), spec("x"), spec(), spec()),
+    out_specs=(spec(), spec("x")),
+    check_vma=check_vma,
+  )
+  def run(lhs, rhs, group_sizes, dout):
+    offset = jax.lax.axis_index("x") * rhs.shape[0]
+    out = pallas_tpu.gmm(lhs, rhs, group_sizes, group_offset=offset, **options)
+    dw = pallas_tpu.tgmm(
+      lhs, dout, group_sizes, group_offset=offset, num_local_groups=rhs.shape[0], **options
+    )
+    return jax.lax.psum(out, "x"), dw
+
+  return jax.jit(run)
+
+
+@pytest.mark.slow
+def test_expert_parallel_shards_under_shard_map():
+  """Interpret mode runs inside shard_map only with check_vma=False (a Pallas limitation)."""
+  sizes = (0, 10, 0, 19)
+  lhs, rhs, group_sizes, dout = _inputs(37, 128, 128, sizes)
+  mesh = jax.make_mesh((2,), ("x",), devices=jax.devices()[:2])
+  spec = jax.sharding.PartitionSpec
+  put = lambda x, *axes: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec(*axes)))
+  args = (put(lhs), put(rhs, "x"), put(group_sizes), put(dout))
+  out, dw = map(np.asarray, _expert_parallel(mesh, False, **OPTIONS)(*args))
+  expected_out, _, expected_dw = _expected(lhs, rhs, sizes, dout)
+  assert _rel_err(out, expected_out) < F32_TOL
+  assert _rel_err(dw, expected_dw) < F32_TOL
+  np.testing.assert_array_equal(out[29:], 0.0)
+  np.testing.assert_array_equal(dw[0], 0.0)
+  np.testing.assert_array_equal(dw[2], 0.0)
+
+
+def test_expert_parallel_lowers_for_tpu_under_shard_map():
+  """With check_vma=True the kernels' outputs carry their operands' varying axes."""
+  mesh = jax.sharding.AbstractMesh((2,), ("x",))
+  fn = _expert_parallel(mesh, True, **TILES)
+  shapes = [((64, 256), jnp.float32), ((4, 256, 128), jnp.float32), ((4,), jnp.int32)]
+  args = [jax.ShapeDtypeStruct(s, d) for s, d in [*shapes, ((64, 128), jnp.float32)]]
+  text = fn.trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") == 2
 
 
 def test_tgmm_and_its_grads_through_ops():
