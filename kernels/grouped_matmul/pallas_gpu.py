@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from moejax.kernels.grouped_matmul import ops
+from moejax.kernels.grouped_matmul.common import to_common_varying_axes
 
 # Defaults for a Hopper/Ampere-class GPU and the Mixtral-like shapes of the lowering test (not
 # tuned on hardware: nothing here measures speed). bm/bn are the output tile, bk the K chunk.
@@ -92,6 +93,13 @@ def _group_bounds(group_sizes, group_offset, num_local: int, num_rows: int):
     jnp.where(valid, starts[local], 0),
     jnp.where(valid, ends[local], 0),
   )  # [E_local] each
+
+
+def _out_shape(shape, dtype, operands) -> jax.ShapeDtypeStruct:
+  """Inside `shard_map(check_vma=True)` a pallas_call's output must say which manual axes it
+  varies over: those of its operands (cast to a common set first; no-op outside `shard_map`)."""
+  manual = getattr(jax.typeof(operands[-1]), "manual_axis_type", None)
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -194,9 +202,10 @@ def gmm(
 
   num_row_tiles = mp // bm
   kernel = functools.partial(_gmm_kernel, bk=bk, bn=bn, num_k=kp // bk, transpose_rhs=transpose_rhs)
+  operands = to_common_varying_axes(row_group, first, last, lhs, rhs)
   out = pl.pallas_call(
     kernel,
-    out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+    out_shape=_out_shape((mp, np_), out_dtype, operands),
     grid=(num_row_tiles, np_ // bn),
     in_specs=[
       pl.BlockSpec((bm,), lambda i, j: (i,)),
@@ -209,7 +218,7 @@ def gmm(
     compiler_params=_compiler_params(num_warps, num_stages),
     interpret=interpret,
     name="gmm_pallas_gpu",
-  )(row_group, first, last, lhs, rhs)
+  )(*operands)
   return out[:m, :n]
 
 
@@ -285,9 +294,10 @@ def tgmm(
   lhs, grad = _pad_to(lhs, (mp, kp)), _pad_to(grad, (mp, np_))
   starts, ends = _group_bounds(group_sizes, group_offset, num_local, m)  # [E_local] each
 
+  operands = to_common_varying_axes(starts, ends, lhs, grad)
   out = pl.pallas_call(
     functools.partial(_tgmm_kernel, bm=bm),
-    out_shape=jax.ShapeDtypeStruct((num_local, kp, np_), out_dtype),
+    out_shape=_out_shape((num_local, kp, np_), out_dtype, operands),
     grid=(num_local, kp // bk, np_ // bn),
     in_specs=[
       pl.BlockSpec((num_local,), lambda g, i, j: (0,)),
@@ -299,7 +309,7 @@ def tgmm(
     compiler_params=_compiler_params(num_warps, num_stages),
     interpret=interpret,
     name="tgmm_pallas_gpu",
-  )(starts, ends, lhs, grad)
+  )(*operands)
   return out[:, :k, :n]
 
 

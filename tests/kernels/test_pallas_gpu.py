@@ -223,7 +223,7 @@ def test_random_group_sizes_one_compilation():
   assert run._cache_size() == 1
 
 
-@pytest.mark.parametrize("transpose_rhs", [False, True])
+@pytest.mark.parametrize("transpose_rhs", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_group_offset(transpose_rhs):
   """An expert-parallel shard: rhs holds groups 2..4 of 7. Rows of other groups are exactly zero;
   tgmm returns the three local gradients. The offset is static, then traced."""
@@ -353,3 +353,67 @@ def test_ops_gmm_with_grad_lowers_for_cuda_mixtral_shape():
 
   text = _lower_for_cuda(jax.grad(loss, argnums=(0, 1)), lhs, rhs, group_sizes)
   assert _triton_calls(text) == 3  # forward gmm, d lhs by gmm(transpose_rhs), d rhs by tgmm
+
+
+def test_expert_parallel_under_shard_map_lowers_for_cuda():
+  """Each shard holds E / 2 experts' weights and takes group_offset from its axis index (traced);
+  the kernels (gmm, gmm with transpose_rhs, tgmm) lower for cuda inside `shard_map` with
+  check_vma on, on an abstract mesh."""
+  mesh = jax.sharding.AbstractMesh((2,), ("expert",))
+  spec = jax.sharding.PartitionSpec
+  m, d, f, e = 256, 128, 256, 8
+  lhs = jax.ShapeDtypeStruct((m, d), jnp.bfloat16)
+  rhs = jax.ShapeDtypeStruct((e, d, f), jnp.bfloat16)
+  group_sizes = jax.ShapeDtypeStruct((e,), jnp.int32)
+
+  @functools.partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(spec(), spec("expert"), spec()),
+    out_specs=(spec(), spec(), spec("expert")),
+  )
+  def shard(x, w, gs):
+    offset = jax.lax.axis_index("expert") * w.shape[0]
+    out = pallas_gpu.gmm(x, w, gs, group_offset=offset)  # [M, F], other shards' rows zero
+    dx = pallas_gpu.gmm(out, w, gs, transpose_rhs=True, group_offset=offset)  # [M, D]
+    dw = pallas_gpu.tgmm(x, out, gs, group_offset=offset, num_groups=w.shape[0])  # [E/2, D, F]
+    return jax.lax.psum(out, "expert"), jax.lax.psum(dx, "expert"), dw
+
+  text = _lower_for_cuda(shard, lhs, rhs, group_sizes)
+  assert _triton_calls(text) == 3
+
+
+@pytest.mark.slow
+def test_ops_gmm_under_shard_map_interpret():
+  """Data-parallel rows through ops' custom VJP, in interpret mode on the CPU devices (interpret
+  mode inside shard_map needs check_vma=False)."""
+  devices = np.array(jax.devices()[:2])
+  mesh = jax.sharding.Mesh(devices, ("x",))
+  spec = jax.sharding.PartitionSpec
+  m, d, f, sizes = 24, 16, 32, (7, 0, 11)
+  lhs, _, _, _ = _inputs(2 * m, d, f, (2 * m,))
+  rhs = _inputs(m, d, f, sizes)[1]  # [E, D, F]
+  shard_sizes = jnp.asarray([sizes, sizes[::-1]], jnp.int32)  # [2, E]
+
+  @jax.jit
+  @functools.partial(
+    jax.shard_map,
+    mesh=mesh,
+    in_specs=(spec("x"), spec(), spec("x")),
+    out_specs=(spec("x"), spec("x"), spec("x")),
+    check_vma=False,
+  )
+  def run(x, w, gs):
+    fn = lambda x, w: gmm(x, w, gs[0], backend="pallas_gpu", options=SMALL)
+    out, vjp = jax.vjp(fn, x, w)
+    dx, dw = vjp(out)
+    return out, dx, dw[None]
+
+  out, dx, dw = run(lhs, rhs, shard_sizes)
+  for i in range(2):
+    rows, split = slice(i * m, (i + 1) * m), np.asarray(shard_sizes[i])
+    expected = _numpy_gmm(lhs[rows], rhs, split)
+    assert _rel_err(out[rows], expected) < F32_TOL
+    swapped = np.swapaxes(np.asarray(rhs, np.float64), 1, 2)
+    assert _rel_err(dx[rows], _numpy_gmm(expected, swapped, split)) < F32_TOL
+    assert _rel_err(dw[i], _numpy_tgmm(lhs[rows], expected, split)) < F32_TOL
