@@ -86,9 +86,9 @@ def _group_bounds(group_sizes, group_offset, num_local: int, num_rows: int):
   ends = jnp.minimum(jnp.cumsum(group_sizes.astype(jnp.int32)), num_rows)  # [E]
   starts = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends[:-1]])  # [E]
   local = jnp.asarray(group_offset, jnp.int32) + jnp.arange(num_local, dtype=jnp.int32)
-  # Local groups past the global ones (a bad offset) are empty rather than out of bounds.
-  valid = local < group_sizes.shape[0]
-  local = jnp.minimum(local, group_sizes.shape[0] - 1)
+  # Local groups outside the global ones (a bad traced offset) are empty, never out of bounds.
+  valid = (local >= 0) & (local < group_sizes.shape[0])
+  local = jnp.clip(local, 0, group_sizes.shape[0] - 1)
   return (
     jnp.where(valid, starts[local], 0),
     jnp.where(valid, ends[local], 0),
@@ -116,7 +116,7 @@ def _dot(x, y, contract, acc_dtype=jnp.float32):
 def _gmm_kernel(
   row_group_ref,  # [bm] int32 local group of each row, -1 for none
   first_ref,  # [num_row_tiles] int32 first local group of each row tile
-  last_ref,  # [num_row_tiles] int32 last local group (first - 1 when the tile has none)
+  last_ref,  # [num_row_tiles] int32 last local group (-1, so no iteration, when it has none)
   lhs_ref,  # [bm, Kp] this row tile
   rhs_ref,  # [E_local, Kp, Np] or [E_local, Np, Kp] (transpose_rhs): the whole array
   out_ref,  # [bm, bn]
@@ -183,6 +183,8 @@ def gmm(
   _check_options("gmm", bm, bk, bn, num_warps, num_stages, interpret)
   _check_group_offset("gmm", group_offset, rhs.shape[0], group_sizes.shape[0])
   out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+  dtype = jnp.result_type(lhs, rhs)  # Triton's dot takes one element type
+  lhs, rhs = lhs.astype(dtype), rhs.astype(dtype)
   m, k = lhs.shape
   num_local = rhs.shape[0]
   n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
