@@ -160,6 +160,12 @@ def _out_shape(shape, dtype, operands) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=manual)
 
 
+def _precision(dtype) -> lax.Precision | None:
+  """float32 operands multiply in full float32 (Mosaic's `contract_precision<fp32>`), as the
+  reference does; narrower ones take the MXU's native precision."""
+  return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def _interpret(value):
   if value is True or value is False or isinstance(value, pltpu.InterpretParams):
     return value
@@ -225,6 +231,7 @@ def gmm(
       lhs_ref[...],
       rhs_ref[...],
       (((1,), (contract,)), ((), ())),
+      precision=_precision(lhs.dtype),
       preferred_element_type=jnp.float32,
     )
 
@@ -341,7 +348,10 @@ def tgmm(
       x = jnp.where(_row_mask((group, tile, start, end), i, tm, tk), x, zero)
       g = jnp.where(_row_mask((group, tile, start, end), i, tm, tn), g, zero)
       acc_ref[...] += lax.dot(
-        x.astype(dtype).swapaxes(0, 1), g.astype(dtype), preferred_element_type=jnp.float32
+        x.astype(dtype).swapaxes(0, 1),
+        g.astype(dtype),
+        precision=_precision(dtype),
+        preferred_element_type=jnp.float32,
       )
 
     @pl.when((i == last) | (group[jnp.minimum(i + 1, last)] != group[i]))
