@@ -291,6 +291,28 @@ def test_gmm_multi_and_grads():
   assert _rel_err(drhs, 3 * expected_drhs) < F32_TOL
 
 
+@pytest.mark.parametrize(
+  ("visit_empty", "expected"),
+  [
+    # gmm: group 1 owns rows 0-9 (tiles 0, 1), group 3 rows 10-28 (tiles 1, 2, 3); tile 1 is
+    # visited once by each; empty groups are skipped.
+    (False, [(1, 0), (1, 1), (3, 1), (3, 2), (3, 3)]),
+    # tgmm: each empty group is visited once too, at the tile where it would start.
+    (True, [(0, 0), (1, 0), (1, 1), (2, 1), (3, 1), (3, 2), (3, 3), (4, 3)]),
+  ],
+)
+def test_visit_list(visit_empty, expected):
+  sizes = jnp.asarray((0, 10, 0, 19, 0), jnp.int32)
+  visits = pallas_tpu._visits(sizes, 0, 5, num_rows=40, tm=8, visit_empty=visit_empty)
+  count = int(visits.count)
+  assert count == len(expected)
+  pairs = zip(visits.group[:count].tolist(), visits.tile[:count].tolist(), strict=True)
+  assert list(pairs) == expected
+  ends = np.cumsum(sizes)
+  np.testing.assert_array_equal(visits.end[:count], [ends[g] for g, _ in expected])
+  assert (int(visits.rows[0]), int(visits.rows[1])) == (0, 29)
+
+
 def test_tiles_must_follow_the_tpu_block_rule():
   lhs, rhs, group_sizes, _ = _inputs(16, 128, 128, (16,))
   with pytest.raises(ValueError, match=r"tn=64; allowed: a positive multiple of 128"):
