@@ -109,7 +109,8 @@ class MoEConfig:
   # Step size gamma of the aux-loss-free bias update (DeepSeek-V3: 0.001).
   aux_free_bias_rate: float = 0.001
   # Grouped-matmul backend for dropless dispatch (see moejax.kernels.gmm): auto (blas when compiled
-  # for CPU, xla's ragged_dot for GPU/TPU) | xla | blas | reference.
+  # for CPU, xla's ragged_dot for GPU/TPU) | xla | blas | reference | pallas_tpu | pallas_gpu
+  # (Pallas kernels; with gmm_options (("interpret", True),) they run on CPU; docs/kernels.md).
   gmm_backend: str = "auto"
   # Options of that backend, as (name, value) pairs (a dict is accepted), e.g. (("threads", 1),)
   # for blas; each backend lists its names in moejax.kernels.grouped_matmul.ops.
