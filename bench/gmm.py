@@ -30,8 +30,9 @@ On CPU (or with `--cpu-tables` anywhere) it prints instead:
 1. a correctness table: each Pallas backend in interpret mode and `xla`, through the public
    `gmm` and its VJP (`jax.vjp`), at a tiny shape derived from each named shape (D and F divided
    by a power of two to at most 256, `small_shape`; E capped to 8; M=64 rows; two experts left
-   empty; rows past the groups), forward, d lhs and d rhs, each as max |actual - expected| / max |expected| against
-   a float64 per-group numpy loop on the same (dtype-rounded) inputs, float32 and bfloat16;
+   empty; rows past the groups), forward, d lhs and d rhs, each as
+   max |actual - expected| / max |expected| against a float64 per-group numpy loop on the same
+   (dtype-rounded) inputs, float32 and bfloat16;
 2. a lowering table: at each named shape's full size (M = T * top_k), bfloat16 and default tiles,
    whether `pallas_tpu`'s gmm, gmm with transpose_rhs and tgmm lower for `tpu` and `pallas_gpu`'s
    for `cuda` (`jax.jit(f).trace(...).lower(lowering_platforms=(platform,))` on ShapeDtypeStruct
