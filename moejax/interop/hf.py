@@ -64,6 +64,7 @@ from moejax.moe.config import MoEConfig
 from moejax.moe.experts import expert_kind
 from moejax.moe.layer import AuxFreeBias
 from moejax.surgery import Copy, Experts, Flat, FusedExperts, Linear, canonical_names, fill
+from moejax.surgery import shapes as canonical_shapes
 
 # safetensors dtype names -> the ModelConfig dtype a checkpoint of that dtype loads as.
 _CHECKPOINT_DTYPES = {"F32": "float32", "F64": "float32", "BF16": "bfloat16", "F16": "float16"}
@@ -322,12 +323,11 @@ def load_hf(
 
 
 def _sources(config: ModelConfig, model_type: str, ckpt: _Checkpoint):
-  """(sources, shapes) of every canonical parameter of `Transformer(config)`, checked against the
-  checkpoint's tensors."""
-  from moejax.surgery import shapes as canonical_shapes
-
+  """(abstract model, sources, {canonical path: (shape, dtype)}) of `Transformer(config)`, the
+  sources checked against the checkpoint's tensors."""
   model = nnx.eval_shape(lambda: Transformer(config, rngs=_rngs()))
-  shapes = {name: shape for name, (shape, _) in canonical_shapes(model, config).items()}
+  specs = canonical_shapes(model, config)
+  shapes = {name: shape for name, (shape, _) in specs.items()}
   sources = param_sources(model_type, config.replace(scan_layers=False), ckpt.file_of.__contains__)
   if sources.keys() != shapes.keys():  # a bug in the name table, not in the checkpoint
     raise RuntimeError(
@@ -336,13 +336,13 @@ def _sources(config: ModelConfig, model_type: str, ckpt: _Checkpoint):
       f"{sorted(sources.keys() - shapes.keys())}"
     )
   _check(ckpt, sources, shapes, model_type, config)
-  return model, sources
+  return model, sources, specs
 
 
 def _fill(config: ModelConfig, model_type: str, ckpt: _Checkpoint) -> Transformer:
   """`Transformer(config)` (either layout) with every parameter read from `ckpt` exactly once;
   a scanned parameter is assembled from its layers' tensors, never from an unscanned copy."""
-  model, sources = _sources(config, model_type, ckpt)
+  model, sources, _ = _sources(config, model_type, ckpt)
   # Router-jitter RNG streams are not in checkpoints: they start fresh.
   nnx.update(model, nnx.from_flat_state(_init_rng_state(config)))
   # Converted on the host (a stacked one layer by layer into its buffer), then moved to the default
@@ -361,12 +361,10 @@ def read_hf(path: str | Path, config: ModelConfig) -> dict[str, np.ndarray]:
     raise ValueError(f"{path / 'config.json'}: model_type {model_type!r} is not supported")
   with contextlib.ExitStack() as stack:
     ckpt = _Checkpoint(path, stack)
-    model, sources = _sources(config, model_type, ckpt)
-    from moejax.surgery import shapes as canonical_shapes
-
+    _, sources, specs = _sources(config, model_type, ckpt)
     return {
       name: np.asarray(sources[name].load(ckpt.read, shape)).astype(dtype, copy=False)
-      for name, (shape, dtype) in canonical_shapes(model, config).items()
+      for name, (shape, dtype) in specs.items()
     }
 
 

@@ -22,14 +22,20 @@ def _fail(field: str, value: Any, allowed: str) -> None:
   raise ValueError(f"MoEConfig.{field}={value!r} is invalid: {allowed}")
 
 
-def _options(field: str, value: Any, declared, owner: str) -> tuple[tuple[str, Any], ...]:
-  """`value` (pairs or a dict; lists from a JSON round trip) as sorted pairs of declared names."""
+def _pairs(field: str, value: Any) -> tuple[tuple[str, Any], ...]:
+  """`value` (pairs or a dict; lists of lists from a JSON round trip) as sorted, hashable pairs."""
   items = value.items() if isinstance(value, dict) else value
   try:
     pairs = tuple(sorted((k, v) for k, v in (tuple(p) for p in items)))
     hash(pairs)
   except (TypeError, ValueError):
     _fail(field, value, "must be (name, value) pairs or a dict of hashable values")
+  return pairs
+
+
+def _options(field: str, value: Any, declared, owner: str) -> tuple[tuple[str, Any], ...]:
+  """`value` as sorted pairs (`_pairs`) of the names `declared` by a registered entry."""
+  pairs = _pairs(field, value)
   allowed = ", ".join(f"{k} (default {v!r})" for k, v in declared.items()) or "none"
   for name, _ in pairs:
     if name not in declared:
@@ -164,11 +170,10 @@ class MoEConfig:
       _fail("expert_kind", self.expert_kind, f"known kinds are auto, {', '.join(EXPERT_KINDS)}")
     if self.gmm_backend not in backends():
       _fail("gmm_backend", self.gmm_backend, f"known backends are {', '.join(backends())}")
-    options = self.gmm_options
-    if isinstance(options, (list, tuple)):  # a JSON round trip gives lists of lists
-      options = tuple(tuple(p) if isinstance(p, (list, tuple)) else p for p in options)
     try:
-      options = check_options(self.gmm_backend, options, "MoEConfig.gmm_options")
+      options = check_options(
+        self.gmm_backend, _pairs("gmm_options", self.gmm_options), "MoEConfig.gmm_options"
+      )
     except ValueError as e:
       _fail("gmm_options", self.gmm_options, str(e))
     object.__setattr__(self, "gmm_options", options)

@@ -204,7 +204,7 @@ class Dispatch:
   """A registered dispatch strategy.
 
   `run(x [T, D], routing, experts, *, capacity, token_mask, before) -> (y [T, D], stats)`, where
-  `experts` has `grouped(x_sorted, group_sizes)` and `batched(buffer)` (`moejax.moe.Experts`), and
+  `experts` has `grouped(x_sorted, group_sizes)` and `batched(buffer)` (`Experts.bound()`), and
   stats holds at least `dropped_fraction`. `capacity`: the strategy bounds each expert's copies by
   C (`MoEConfig.capacity`), and expert parallelism applies the same keep rule across devices.
   """

@@ -228,6 +228,23 @@ def make_param(spec: ParamSpec, rngs: nnx.Rngs, param_dtype) -> nnx.Param:
   return _param(spec.init, rngs.params(), spec.shape, dtype, spec.axes)
 
 
+@dataclasses.dataclass(frozen=True)
+class BoundExperts:
+  """An expert kind with its parameters (arrays, compute dtype): what a dispatch strategy calls."""
+
+  kind: ExpertKind
+  params: dict[str, jax.Array]
+  config: MoEConfig
+
+  def grouped(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """Tokens sorted by expert x [M, D] -> [M, D] (dropless dispatch)."""
+    return self.kind.apply(self.params, x, group_sizes, self.config)
+
+  def batched(self, x: jax.Array) -> jax.Array:
+    """Capacity buffer x [E, C, D] -> [E, C, D] (capacity dispatch)."""
+    return self.kind.capacity(self.params, x, self.config)
+
+
 class Experts(nnx.Module):
   """The E routed experts of the configured kind: `experts.<leaf>` for each of its parameters.
 
@@ -254,13 +271,9 @@ class Experts(nnx.Module):
     """Each parameter's logical axes."""
     return {name: tuple(getattr(self, name).get_metadata()["logical_axes"]) for name in self.names}
 
-  def grouped(self, x: jax.Array, group_sizes: jax.Array) -> jax.Array:
-    """Tokens sorted by expert x [M, D] -> [M, D] (dropless dispatch)."""
-    return self.kind.apply(self.params(), x, group_sizes, self.config)
-
-  def batched(self, x: jax.Array) -> jax.Array:
-    """Capacity buffer x [E, C, D] -> [E, C, D] (capacity dispatch)."""
-    return self.kind.capacity(self.params(), x, self.config)
+  def bound(self) -> BoundExperts:
+    """The kind with this module's parameters, for `dispatch.DISPATCHES` strategies."""
+    return BoundExperts(self.kind, self.params(), self.config)
 
 
 class SharedExperts(nnx.Module):

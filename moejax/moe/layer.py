@@ -125,7 +125,7 @@ class MoE(nnx.Module):
       )
     else:
       y, stats = dispatch.run(
-        xt, routing, self.experts, capacity=cap, token_mask=tmask, before=None
+        xt, routing, self.experts.bound(), capacity=cap, token_mask=tmask, before=None
       )
     if "device_load" not in stats:  # one device computes every copy and moves nothing
       computed = jnp.round(jnp.sum(slots) * (1.0 - stats["dropped_fraction"]))

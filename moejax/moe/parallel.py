@@ -56,7 +56,7 @@ from moejax.moe.ep_transport import (  # noqa: F401  (public re-exports)
   choose_transport,
   emulated_ragged_all_to_all,
 )
-from moejax.moe.experts import ExpertKind, expert_kind
+from moejax.moe.experts import BoundExperts, expert_kind
 from moejax.moe.router import Routing
 
 
@@ -155,19 +155,6 @@ def _keep(routing: Routing, config: MoEConfig, capacity, token_axes):
   return routing.mask & (place < capacity), before
 
 
-class _Bound:
-  """An expert kind with its parameters, as `dispatch.DISPATCHES` strategies call it."""
-
-  def __init__(self, kind: ExpertKind, params, config: MoEConfig):
-    self.kind, self.params, self.config = kind, params, config
-
-  def grouped(self, x, group_sizes):
-    return self.kind.apply(self.params, x, group_sizes, self.config)
-
-  def batched(self, buffer):
-    return self.kind.capacity(self.params, buffer, self.config)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Per-device bodies.
 
@@ -176,7 +163,7 @@ def _local_body(routing, x, params, *, config, lay, capacity, splits_mlp):
   """No EP group: the single-device dispatch on this device's tokens, keeping copies globally."""
   c = config
   kept, before = _keep(routing, c, capacity, lay.token_axes)
-  experts = _Bound(expert_kind(c), params, c)
+  experts = BoundExperts(expert_kind(c), params, c)
   y, _ = DISPATCHES[c.dispatch].run(
     x, routing, experts, capacity=capacity, token_mask=None, before=before
   )

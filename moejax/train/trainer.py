@@ -226,11 +226,6 @@ class Trainer:
       opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
     return params, rest, opt_state
 
-  def init_from_hf(self, path: str | Path, rest):
-    """`init_from("hf:" + path)` from a fresh initialisation (the name of earlier versions)."""
-    params, rest, _ = self.init()
-    return self.init_from(f"hf:{path}", params, rest)
-
   def _grads(self, params, rest, batch):
     """(grads, loss, num_tokens, aux, new_rest) of one batch: the gradient of its mean token loss
     plus the MoE auxiliary losses."""
